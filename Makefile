@@ -1,0 +1,43 @@
+# scenetxtvar: `make demo` and `make test` each set up everything they need on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# timm imports torchvision, and this pair is the one that imports together here (see README).
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: help setup test test-fast demo lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+setup: $(STAMP)  ## create .venv with the pinned torch pair and the project (re-runs when pyproject changes)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PAIR)
+	$(BIN)/python -m pip install --quiet -e '.[dev,eval]' $(TORCH_PAIR)
+	@touch $@
+
+test: setup  ## run the test suite (CPU; gpu tests skip themselves)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup  ## the suite without tests marked slow
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: setup  ## the embedded demo on CPU
+	$(BIN)/python -m scenetxtvar.demo
+
+lint: setup  ## ruff check + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup  ## benchmark scripts -> benchmarks/results/*.json
+	@mkdir -p benchmarks/results
+	$(BIN)/python benchmarks/bench_infer.py --out benchmarks/results/bench_infer.json
+
+clean:  ## remove caches and outputs (keeps .venv)
+	rm -rf .pytest_cache .ruff_cache outputs
