@@ -85,8 +85,15 @@ class CodeAccumulator:
     ``trilinear(sum_{i<=k} trilinear_up(codes_i), grid_{k+1})``.
     """
 
-    def __init__(self, schedule: Sequence[Sequence[int]], batch: int, code_dim: int, *,
-                 patchify: bool = False, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        schedule: Sequence[Sequence[int]],
+        batch: int,
+        code_dim: int,
+        *,
+        patchify: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.grids = latent_grids(schedule, patchify)
         self.patchify = patchify
         self.summed = torch.zeros(batch, code_dim, *self.grids[-1], device=device)
@@ -155,10 +162,14 @@ def bitwise_loss_per_token(logits: Tensor, gt_bits: Tensor, label_smoothing: flo
     """Two-class cross-entropy per bit, averaged over bits: (B, L, 2d), (B, L, d) -> (B, L)."""
     b, n, v = logits.shape
     if gt_bits.shape != (b, n, v // 2):
-        raise ValueError(f"gt_bits must be {(b, n, v // 2)} for logits {tuple(logits.shape)}, got {tuple(gt_bits.shape)}")
+        raise ValueError(
+            f"gt_bits must be {(b, n, v // 2)} for logits {tuple(logits.shape)}, got {tuple(gt_bits.shape)}"
+        )
     ce = F.cross_entropy(
-        logits.float().reshape(b, n, v // 2, 2).permute(0, 3, 1, 2), gt_bits.long(),
-        reduction="none", label_smoothing=label_smoothing,
+        logits.float().reshape(b, n, v // 2, 2).permute(0, 3, 1, 2),
+        gt_bits.long(),
+        reduction="none",
+        label_smoothing=label_smoothing,
     )
     return ce.mean(dim=-1)
 

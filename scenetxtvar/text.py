@@ -194,9 +194,7 @@ def _check_t5_dir(path: str | os.PathLike) -> str:
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"text.path={str(path)!r} has no config.json; {hint}")
     if not any(any(p.glob(g)) for g in _WEIGHT_GLOBS):
-        raise FileNotFoundError(
-            f"text.path={str(path)!r} has no model weights ({' or '.join(_WEIGHT_GLOBS)}); {hint}"
-        )
+        raise FileNotFoundError(f"text.path={str(path)!r} has no model weights ({' or '.join(_WEIGHT_GLOBS)}); {hint}")
     return str(p)
 
 

@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -118,10 +117,13 @@ class Infinity(nn.Module):
         if shared_aln:
             self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(embed_dim, 6 * embed_dim))
 
+        # Registered before the blocks so the state dict has the official key order.
+        self.head_nm = AdaLNBeforeHead(embed_dim, embed_dim, norm_eps)
+        self.head = nn.Linear(embed_dim, self.V)
+
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         blocks = [
-            CrossAttnBlock(embed_dim, num_heads, hidden, shared_aln, norm_eps, drop_rate, dpr[i])
-            for i in range(depth)
+            CrossAttnBlock(embed_dim, num_heads, hidden, shared_aln, norm_eps, drop_rate, dpr[i]) for i in range(depth)
         ]
         if block_chunks > 1:
             n = depth // block_chunks
@@ -129,8 +131,6 @@ class Infinity(nn.Module):
         else:
             self.blocks = nn.ModuleList(blocks)
 
-        self.head_nm = AdaLNBeforeHead(embed_dim, embed_dim, norm_eps)
-        self.head = nn.Linear(embed_dim, self.V)
         self.rope = Rope2D(embed_dim // num_heads, base=rope_base)
         if not self.pos_start.is_meta:
             self.init_weights()
@@ -144,8 +144,15 @@ class Infinity(nn.Module):
             return [blk for chunk in self.block_chunks for blk in chunk.module]
         return list(self.blocks)
 
-    def init_weights(self, *, aln: float = 1e-3, aln_gamma: float = 5e-6, head_scale: float = 0.02,
-                     proj_scale: float = 1.0, seed: int | None = None) -> None:
+    def init_weights(
+        self,
+        *,
+        aln: float = 1e-3,
+        aln_gamma: float = 5e-6,
+        head_scale: float = 0.02,
+        proj_scale: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
         """Official initialisation (``init_weights`` + ``special_init``; released values by default)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = math.sqrt(1 / (3 * self.C))
@@ -165,7 +172,11 @@ class Infinity(nn.Module):
         with torch.no_grad():
             # Null prompt: trunc-normal(1.2) from a fixed generator, scaled by 1/sqrt(Dt) (official).
             null = nn.init.trunc_normal_(
-                torch.empty(self.cfg_uncond.shape), std=1.2, a=-2, b=2, generator=torch.Generator().manual_seed(0)
+                torch.empty(self.cfg_uncond.shape),
+                std=1.2,
+                a=-2,
+                b=2,
+                generator=torch.Generator().manual_seed(0),
             )
             self.cfg_uncond.copy_(null / math.sqrt(self.text_channels))
             tn(self.pos_start, std)
@@ -230,8 +241,9 @@ class Infinity(nn.Module):
         """The unconditional prompt of each sample: ``cfg_uncond[:len_b]`` (same lengths)."""
         pos = torch.arange(text.kv_compact.shape[0], device=text.lens.device)
         pos = pos - torch.repeat_interleave(text.cu_seqlens_k[:-1].long(), text.lens)
-        return PackedText(self.cfg_uncond[pos].to(text.kv_compact.dtype), text.lens, text.cu_seqlens_k,
-                          text.max_seqlen_k)
+        return PackedText(
+            self.cfg_uncond[pos].to(text.kv_compact.dtype), text.lens, text.cu_seqlens_k, text.max_seqlen_k
+        )
 
     def drop_text(self, text: PackedText, keep: Tensor) -> PackedText:
         """Replace the prompts with ``keep[b] == False`` by the null prompt (CFG training)."""
@@ -249,8 +261,14 @@ class Infinity(nn.Module):
         with no_autocast(h.device.type):
             return self.head(self.head_nm(h.float(), cond_BD.float()))
 
-    def run_blocks(self, x: Tensor, ctx: TextContext, attn_mask: Tensor | None, rope: tuple[Tensor, Tensor],
-                   hook: BlockHook | None = None) -> Tensor:
+    def run_blocks(
+        self,
+        x: Tensor,
+        ctx: TextContext,
+        attn_mask: Tensor | None,
+        rope: tuple[Tensor, Tensor],
+        hook: BlockHook | None = None,
+    ) -> Tensor:
         """The block stack; ``hook(i, x)`` may rewrite the hidden state before block i."""
         ckpt = self.checkpointing and self.training and torch.is_grad_enabled()
         for i, blk in enumerate(self.block_list):
@@ -295,8 +313,9 @@ class Infinity(nn.Module):
             x = x + self.lvl_embed(self.scale_ids(sched, x.device))
         return x, ctx, sched
 
-    def forward(self, label_B_or_BLT, x_BLC_wo_prefix: Tensor, scale_schedule, text_keep: Tensor | None = None
-                ) -> Tensor:
+    def forward(
+        self, label_B_or_BLT, x_BLC_wo_prefix: Tensor, scale_schedule, text_keep: Tensor | None = None
+    ) -> Tensor:
         """Teacher-forced logits (B, L, V) for all scales at once (block-causal attention).
 
         ``text_keep`` (B,) bool overrides the random CFG prompt drop of training mode.
@@ -353,8 +372,10 @@ class Infinity(nn.Module):
 
         use_cfg = any(c != 1.0 for c in cfgs)
         if use_cfg:
-            neg = self.null_text_like(text) if negative_label_B_or_BLT is None else as_packed_text(
-                negative_label_B_or_BLT
+            neg = (
+                self.null_text_like(text)
+                if negative_label_B_or_BLT is None
+                else as_packed_text(negative_label_B_or_BLT)
             )
             if neg.batch_size != B:
                 raise ValueError(f"the negative prompt batch has {neg.batch_size} prompts but B={B}")
@@ -414,8 +435,7 @@ class Infinity(nn.Module):
         return InferenceOutput(acc.summed, scale_bits, scale_logits if return_logits else None, image)
 
 
-def sample_bits(logits: Tensor, top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None
-                ) -> Tensor:
+def sample_bits(logits: Tensor, top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
     """Sample every bit from (B, l, 2d) logits (already tempered/guided) -> (B, l, d) int64.
 
     Top-k/top-p act on each bit's two logits (VAR's filter): top-k 1 is greedy; top-p removes

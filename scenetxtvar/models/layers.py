@@ -82,7 +82,9 @@ class Rope2D:
         if head_dim % 4:
             raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
         half = head_dim // 2
-        self.inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half))
+        # Built on the CPU explicitly: models may be constructed under a meta-device context.
+        steps = torch.arange(0, half, 2, dtype=torch.int64, device="cpu").float()
+        self.inv_freq = 1.0 / (base ** (steps / half))
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def table(self, schedule, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -93,8 +95,8 @@ class Rope2D:
             uh, uw = rope_reference_grid(sched)
             angles = []
             for _, h, w in sched:
-                rows = torch.round(torch.arange(h, dtype=torch.float32) * (uh / h))
-                cols = torch.round(torch.arange(w, dtype=torch.float32) * (uw / w))
+                rows = torch.round(torch.arange(h, dtype=torch.float32, device="cpu") * (uh / h))
+                cols = torch.round(torch.arange(w, dtype=torch.float32, device="cpu") * (uw / w))
                 fy = torch.outer(rows, self.inv_freq)  # (h, c/4)
                 fx = torch.outer(cols, self.inv_freq)  # (w, c/4)
                 grid = torch.cat([fy[:, None, :].expand(h, w, -1), fx[None, :, :].expand(h, w, -1)], dim=-1)
@@ -164,8 +166,7 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Attention from image tokens (or one learned query, ``pool=True``) to padded prompt tokens."""
 
-    def __init__(self, embed_dim: int, kv_dim: int, num_heads: int, pool: bool = False,
-                 proj_drop: float = 0.0) -> None:
+    def __init__(self, embed_dim: int, kv_dim: int, num_heads: int, pool: bool = False, proj_drop: float = 0.0) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
@@ -262,8 +263,16 @@ def ada_layer_norm(x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> Tenso
 class CrossAttnBlock(nn.Module):
     """One Infinity block: AdaLN self-attention, cross-attention to the prompt, AdaLN FFN."""
 
-    def __init__(self, embed_dim: int, num_heads: int, ffn_hidden: int, shared_aln: bool = True,
-                 norm_eps: float = 1e-6, drop: float = 0.0, drop_path: float = 0.0) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        ffn_hidden: int,
+        shared_aln: bool = True,
+        norm_eps: float = 1e-6,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
         super().__init__()
         self.C, self.shared_aln, self.norm_eps = embed_dim, shared_aln, norm_eps
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -282,8 +291,9 @@ class CrossAttnBlock(nn.Module):
         self.sa.kv_caching(enable)
         self.ca.kv_caching(enable)
 
-    def forward(self, x: Tensor, cond: Tensor, text: TextKV, attn_mask: Tensor | None,
-                rope: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(
+        self, x: Tensor, cond: Tensor, text: TextKV, attn_mask: Tensor | None, rope: tuple[Tensor, Tensor]
+    ) -> Tensor:
         """``cond`` is the shared AdaLN output (B, 1, 6, C), or the pooled text (B, C) when not shared."""
         with no_autocast(x.device.type):
             table = self.ada_gss + cond if self.shared_aln else self.ada_lin(cond.float()).view(-1, 1, 6, self.C)

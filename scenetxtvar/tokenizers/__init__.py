@@ -1,0 +1,1 @@
+"""Image tokenizers: multi-scale VQ-VAE and related quantizers."""
