@@ -15,8 +15,7 @@ from functools import partial
 import torch
 
 import scenetxtvar.models.registry  # noqa: F401
-from scenetxtvar.bitwise import CodeAccumulator, bits_to_codes, tokens_to_grid
-from scenetxtvar.models.infinity import Infinity, sample_bits
+from scenetxtvar.models.infinity import Infinity
 from scenetxtvar.models.registry import build_preset
 from scenetxtvar.scales import get_schedule
 
@@ -24,16 +23,15 @@ from scenetxtvar.scales import get_schedule
 @torch.no_grad()
 def recompute_sampler(model: Infinity, text, schedule, batch: int) -> torch.Tensor:
     """The no-cache baseline: at every scale run the teacher-forced forward over all tokens so far."""
-    acc = CodeAccumulator(schedule, batch, model.codebook_dim)
+    state = model.code_space().sampler(schedule, batch, "cpu")
     inputs = []
     for k, (_, h, w) in enumerate(schedule):
         x = torch.cat(inputs, 1) if inputs else torch.zeros(batch, 0, model.d)
         logits = model(text, x, schedule[: k + 1])[:, -h * w :]
-        bits = tokens_to_grid(sample_bits(logits, top_k=1), (h, w))
-        nxt = acc.add(k, bits_to_codes(bits))
+        nxt = state.step(k, logits, top_k=1)
         if nxt is not None:
             inputs.append(nxt)
-    return acc.summed
+    return state.summed
 
 
 def timed(fn, repeats: int) -> float:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .codes import ScaleTargets, sample_from_logits
 from .scales import normalize_schedule
 
 
@@ -181,3 +182,66 @@ def scale_loss_weights(schedule: Sequence[Sequence[int]], device: torch.device |
     last = math.sqrt(t_k * h_k * w_k)
     w = torch.cat([torch.full((t * h * w,), last / math.sqrt(t * h * w)) for t, h, w in sched])
     return (w / w.sum()).to(device)
+
+
+def bitwise_accuracy_per_token(logits: Tensor, gt_bits: Tensor) -> Tensor:
+    """Fraction of each token's bits predicted right: (B, L, 2d), (B, L, d) -> (B, L)."""
+    b, n, v = logits.shape
+    pred = logits.reshape(b, n, v // 2, 2).argmax(dim=-1)
+    return (pred == gt_bits).float().mean(dim=-1)
+
+
+class BitwiseSampler:
+    """Sampling state for bits: the running code sum and the sampled bits of every scale."""
+
+    def __init__(self, schedule: Sequence[Sequence[int]], batch: int, code_dim: int, patchify: bool,
+                 device: torch.device | str) -> None:
+        self.token_grids = [(h, w) for _, h, w in normalize_schedule(schedule)]
+        self.patchify = patchify
+        self.acc = CodeAccumulator(schedule, batch, code_dim, patchify=patchify, device=device)
+        self.labels: list[Tensor] = []
+
+    @property
+    def summed(self) -> Tensor:
+        """(B, dq, H, W): what the tokenizer's decoder takes."""
+        return self.acc.summed
+
+    def step(self, k: int, logits: Tensor, *, top_k: int = 0, top_p: float = 0.0,
+             generator: torch.Generator | None = None, forced: Tensor | None = None) -> Tensor | None:
+        """Sample scale k's bits from (B, h*w, 2d) logits (or take ``forced`` (B,1,h,w,dq) bits)."""
+        if forced is not None:
+            grid = forced.to(self.acc.summed.device).long().squeeze(1).permute(0, 3, 1, 2)
+        else:
+            b, n, v = logits.shape
+            bits = sample_from_logits(logits.reshape(b, n, v // 2, 2), top_k, top_p, generator)
+            grid = tokens_to_grid(bits, self.token_grids[k], self.patchify)
+        self.labels.append(grid.permute(0, 2, 3, 1).unsqueeze(1))
+        return self.acc.add(k, bits_to_codes(grid))
+
+
+class BitwiseCodes:
+    """The BSQ code space: ``d`` bits per token (x4 with patchify), a 2-way head per bit."""
+
+    def __init__(self, code_dim: int, patchify: bool = False) -> None:
+        self.code_dim, self.patchify = code_dim, patchify
+        self.token_dim = code_dim * (4 if patchify else 1)
+        self.head_dim = 2 * self.token_dim
+
+    def targets(self, features: Tensor, schedule: Sequence[Sequence[int]], *, noise_strength: float = 0.0,
+                noise_layers: int = 0, generator: torch.Generator | None = None) -> ScaleTargets:
+        """Bit labels and teacher-forcing inputs with bitwise self-correction (see :func:`build_targets`)."""
+        t = build_targets(features, schedule, patchify=self.patchify, noise_strength=noise_strength,
+                          noise_layers=noise_layers, generator=generator)
+        return ScaleTargets(t.x_BLC_wo_prefix, t.gt_bits)
+
+    def loss_per_token(self, logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        """Mean bitwise cross-entropy per token."""
+        return bitwise_loss_per_token(logits, labels, label_smoothing)
+
+    def accuracy_per_token(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Bit accuracy per token."""
+        return bitwise_accuracy_per_token(logits, labels)
+
+    def sampler(self, schedule: Sequence[Sequence[int]], batch: int, device: torch.device | str) -> BitwiseSampler:
+        """Fresh sampling state."""
+        return BitwiseSampler(schedule, batch, self.code_dim, self.patchify, device)

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..bitwise import CodeAccumulator, bits_to_codes, tokens_to_grid
+from ..bitwise import BitwiseCodes
+from ..codes import CodeSpace
 from ..scales import normalize_schedule, scale_lengths
 from ..text import PackedText, as_packed_text
 from .layers import (
@@ -40,7 +41,7 @@ class InferenceOutput:
     """What ``autoregressive_infer_cfg`` returns."""
 
     summed_codes: Tensor  # (B, dq, h_K, w_K) on the tokenizer latent grid: what the decoder takes
-    scale_bits: list[Tensor]  # per scale (B, 1, h, w, dq) int64 in {0, 1}
+    scale_bits: list[Tensor]  # per scale: bits (B, 1, h, w, dq) int64 in {0, 1}; VQ: indices (B, h*w)
     scale_logits: list[Tensor] | None = None  # per scale (rows, h*w, V) before 1/tau and CFG
     image: Tensor | None = None  # (B, 3, H, W) in [-1, 1] when a tokenizer was given
 
@@ -387,43 +388,37 @@ class Infinity(nn.Module):
         cos, sin = self.rope.table(sched, device)
         offsets = [0, *torch.tensor(scale_lengths(sched)).cumsum(0).tolist()]
         blocks = self.block_list
-        acc = CodeAccumulator(sched, B, self.codebook_dim, patchify=self.apply_spatial_patchify, device=device)
+        state = self.code_space(vae).sampler(sched, B, device)
 
         with no_autocast(device.type):
             x = ctx.cond_BD.unsqueeze(1) + self.pos_start
-        scale_bits, scale_logits = [], []
+        scale_logits = []
         self.kv_caching(True)
         try:
-            for k, (_, h, w) in enumerate(sched):
+            for k in range(num_scales):
                 rope = (cos[offsets[k] : offsets[k + 1]], sin[offsets[k] : offsets[k + 1]])
                 x = x + self.lvl_embed.weight[k]
                 hook = hook_factory(k, rows) if hook_factory is not None else None
-                cond, cond_BD = ctx.cond, ctx.cond_BD
                 for i, blk in enumerate(blocks):
                     if hook is not None:
                         x = hook(i, x)
-                    x = blk(x, cond, ctx.text, None, rope)
+                    x = blk(x, ctx.cond, ctx.text, None, rope)
                     if use_cfg and insertion is not None and i == insertion:
                         # Guidance inside the stack: mix once, then carry the mixed state in both halves.
                         x = cfgs[k] * x[:B] + (1 - cfgs[k]) * x[B:]
                         x = torch.cat([x, x])
                 if use_cfg and insertion is not None:
-                    logits = self.get_logits(x[:B], cond_BD[:B])
+                    logits = self.get_logits(x[:B], ctx.cond_BD[:B])
                     mixed = logits / taus[k]
                 else:
-                    logits = self.get_logits(x, cond_BD)
+                    logits = self.get_logits(x, ctx.cond_BD)
                     mixed = logits / taus[k]
                     if use_cfg:
                         mixed = cfgs[k] * mixed[:B] + (1 - cfgs[k]) * mixed[B:]
                 if return_logits:
                     scale_logits.append(logits)
-                if k < gt_leak:
-                    bits_grid = gt_ls_Bl[k].to(device).long().squeeze(1).permute(0, 3, 1, 2)
-                else:
-                    bits = sample_bits(mixed, top_k=top_k, top_p=top_p, generator=gen)
-                    bits_grid = tokens_to_grid(bits, (h, w), self.apply_spatial_patchify)
-                scale_bits.append(bits_grid.permute(0, 2, 3, 1).unsqueeze(1))
-                nxt = acc.add(k, bits_to_codes(bits_grid))
+                forced = gt_ls_Bl[k] if k < gt_leak else None
+                nxt = state.step(k, mixed, top_k=top_k, top_p=top_p, generator=gen, forced=forced)
                 if nxt is not None:
                     x = self.embed_scale_inputs(nxt)
                     if use_cfg:
@@ -431,27 +426,27 @@ class Infinity(nn.Module):
         finally:
             self.kv_caching(False)
 
-        image = vae.decode(acc.summed) if vae is not None else None
-        return InferenceOutput(acc.summed, scale_bits, scale_logits if return_logits else None, image)
+        image = vae.decode(state.summed) if vae is not None else None
+        return InferenceOutput(state.summed, state.labels, scale_logits if return_logits else None, image)
 
+    def code_space(self, vae: nn.Module | None = None) -> CodeSpace:
+        """How this model's head maps to tokenizer codes: bits (BSQ) or indices (needs the VQ-VAE)."""
+        if self.bitwise:
+            if vae is not None and getattr(vae, "code_dim", self.codebook_dim) != self.codebook_dim:
+                raise ValueError(f"the tokenizer has {vae.code_dim} bits per position, the model {self.codebook_dim}")
+            return BitwiseCodes(self.codebook_dim, self.apply_spatial_patchify)
+        from ..tokenizers.vq import VQVAE
+        from ..tokenizers.vq_codes import IndexCodes
 
-def sample_bits(logits: Tensor, top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
-    """Sample every bit from (B, l, 2d) logits (already tempered/guided) -> (B, l, d) int64.
-
-    Top-k/top-p act on each bit's two logits (VAR's filter): top-k 1 is greedy; top-p removes
-    the less likely value when its probability is at most 1 - top_p.
-    """
-    b, n, v = logits.shape
-    lg = logits.float().reshape(-1, 2)
-    if 0 < top_k < 2:
-        lg = lg.masked_fill(lg < lg.max(dim=-1, keepdim=True).values, float("-inf"))
-    if 0.0 < top_p < 1.0:
-        probs = lg.softmax(dim=-1)
-        drop = probs <= (1 - top_p)
-        drop &= probs < probs.max(dim=-1, keepdim=True).values  # never remove the most likely value
-        lg = lg.masked_fill(drop, float("-inf"))
-    bits = torch.multinomial(lg.softmax(dim=-1), 1, generator=generator)
-    return bits.view(b, n, v // 2)
+        if not isinstance(vae, VQVAE):
+            raise ValueError("an index-head Infinity (vocab_size > 0) samples through its VQ-VAE: pass vae=<VQVAE>")
+        codes = IndexCodes(vae)
+        if (codes.token_dim, codes.head_dim) != (self.d, self.V):
+            raise ValueError(
+                f"VQ-VAE codes (Cvae={codes.token_dim}, V={codes.head_dim}) do not fit the model "
+                f"(d={self.d}, V={self.V})"
+            )
+        return codes
 
 
 def _per_scale(value: float | Sequence[float], n: int, name: str) -> list[float]:
