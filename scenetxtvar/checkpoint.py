@@ -25,11 +25,16 @@ Source = str | os.PathLike | Mapping[str, Any]
 
 
 class CheckpointMismatchError(ValueError):
-    """A state dict does not fit a model: lists the missing, unexpected and mis-shaped keys."""
+    """A state dict does not fit a model: lists the missing, unexpected and mis-shaped keys.
 
-    def __init__(self, what: str, missing: list[str], unexpected: list[str], mis_shaped: list[str]) -> None:
+    ``what`` names the checkpoint (say, its kind and path), ``target`` the model it was checked against.
+    """
+
+    def __init__(
+        self, what: str, missing: list[str], unexpected: list[str], mis_shaped: list[str], target: str = "the model"
+    ) -> None:
         self.missing, self.unexpected, self.mis_shaped = missing, unexpected, mis_shaped
-        parts = [f"{what} does not match the model:"]
+        parts = [f"{what} does not match {target}:"]
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
             if keys:
                 shown = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
@@ -42,14 +47,19 @@ class CheckpointMismatchError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def read_checkpoint(source: Source) -> Mapping[str, Any]:
+def read_checkpoint(source: Source, what: str = "checkpoint") -> Mapping[str, Any]:
     """Load a checkpoint object: a mapping, a ``.pth``/``.pt``/``.ckpt`` file (``weights_only``),
-    a ``.safetensors`` file, or a directory of sharded safetensors with an index json."""
+    a ``.safetensors`` file, or a directory of sharded safetensors with an index json.
+
+    ``what`` names the kind of checkpoint in errors (e.g. ``"BSQ-VAE checkpoint"``): a missing path
+    raises FileNotFoundError, an unreadable file or one without a mapping raises ValueError; both
+    messages name the path.
+    """
     if isinstance(source, Mapping):
         return source
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         if path.is_dir():
             return _read_safetensors_dir(path)
@@ -61,9 +71,9 @@ def read_checkpoint(source: Source) -> Mapping[str, Any]:
     except (FileNotFoundError, CheckpointMismatchError):
         raise
     except Exception as exc:  # pickle, zip and safetensors errors all mean the same to a user
-        raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"{path} is not a readable {what} ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict ({what} expected)")
     return obj
 
 
@@ -119,10 +129,13 @@ def check_state_dict(
     state_dict: Mapping[str, Tensor],
     what: str = "the checkpoint",
     allow_missing: Iterable[str] = (),
+    *,
+    target: str = "the model",
 ) -> None:
     """Raise :class:`CheckpointMismatchError` unless keys and shapes match exactly.
 
     ``allow_missing`` names key prefixes that may be absent (e.g. ``car_`` for a base-only file).
+    ``what`` and ``target`` name the checkpoint and the model in the message.
     """
     expected = model.state_dict()
     allowed = tuple(allow_missing)
@@ -138,7 +151,7 @@ def check_state_dict(
         if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
     if missing or unexpected or mis_shaped:
-        raise CheckpointMismatchError(what, missing, unexpected, mis_shaped)
+        raise CheckpointMismatchError(what, missing, unexpected, mis_shaped, target)
 
 
 def load_strict(
@@ -147,12 +160,14 @@ def load_strict(
     what: str = "the checkpoint",
     allow_missing: Iterable[str] = (),
     assign: bool = False,
+    *,
+    target: str = "the model",
 ) -> nn.Module:
     """Check, then load; only keys under ``allow_missing`` prefixes may be absent."""
-    check_state_dict(model, state_dict, what, allow_missing)
+    check_state_dict(model, state_dict, what, allow_missing, target=target)
     result = model.load_state_dict(state_dict, strict=not tuple(allow_missing), assign=assign)
     if result.unexpected_keys:  # check_state_dict already rejects these; keep the invariant explicit
-        raise CheckpointMismatchError(what, [], list(result.unexpected_keys), [])
+        raise CheckpointMismatchError(what, [], list(result.unexpected_keys), [], target)
     return model
 
 
@@ -293,4 +308,140 @@ def load_infinity(
         cfg["embed_dim"],
         sum(p.numel() for p in model.parameters()),
     )
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# InfinityPilot: separated base + CAR weights
+# --------------------------------------------------------------------------------------------
+
+BASE_WEIGHTS = "infinity_base_weights"
+CAR_WEIGHTS = "car_weights"
+CAR_CONFIG = "car_config.json"
+# Prefixes that DDP, FSDP, torch.compile and Lightning put in front of parameter names.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "module.", "model.")
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Remove DDP/FSDP/compile/Lightning name prefixes wherever they occur in a key."""
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        parts = key
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if parts.startswith(prefix):
+                    parts, changed = parts[len(prefix) :], True
+            for infix in ("._fsdp_wrapped_module.", "._checkpoint_wrapped_module.", "._orig_mod."):
+                if infix in parts:
+                    parts, changed = parts.replace(infix, "."), True
+        out[parts] = value
+    return out
+
+
+_CAR_CHUNK_RE = re.compile(r"^car_blocks\.(\d+)\.module\.(\d+)\.(.+)$")
+
+
+def normalise_car_keys(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """CAR keys in our flat layout: wrapper prefixes stripped, chunked ``car_blocks.X.module.Y`` flattened
+    (the chunk size is derived from the keys)."""
+    sd = strip_wrapper_prefixes(state_dict)
+    chunked = [(int(m[1]), int(m[2])) for m in map(_CAR_CHUNK_RE.match, sd) if m]
+    if not chunked:
+        return sd
+    per_chunk = max(j for _, j in chunked) + 1
+    out: StateDict = {}
+    for key, value in sd.items():
+        m = _CAR_CHUNK_RE.match(key)
+        out[f"car_blocks.{int(m[1]) * per_chunk + int(m[2])}.{m[3]}" if m else key] = value
+    return out
+
+
+def load_car_weights(model, source: Source) -> None:
+    """Load the control branch strictly: every ``car_*``/``control_*`` key must exist and fit.
+
+    Non-CAR keys in ``source`` (e.g. a full Lightning checkpoint) are ignored; the error for a
+    mismatch names every offending key.
+    """
+    from .models.pilot import is_car_key
+
+    model.init_car_modules_if_needed()
+    what = f"CAR weights {source}" if not isinstance(source, Mapping) else "the CAR state dict"
+    obj = read_checkpoint(source)
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):  # a Lightning checkpoint
+        obj = obj["state_dict"]
+    sd = {k: v for k, v in normalise_car_keys(obj).items() if is_car_key(k)}
+    if not sd:
+        raise ValueError(f"{what} holds no car_*/control_* keys")
+    expected = {k: v for k, v in model.state_dict().items() if is_car_key(k)}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    mis_shaped = [
+        f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    if missing or unexpected or mis_shaped:
+        file_depth = len({int(m[1]) for m in map(re.compile(r"^car_blocks\.(\d+)\.").match, sd) if m})
+        raise CheckpointMismatchError(
+            f"{what} (the file has {file_depth} CAR blocks, the model car_depth={model.car_depth})",
+            missing,
+            unexpected,
+            mis_shaped,
+        )
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if name in sd:
+                tensor.copy_(sd[name])
+
+
+def save_separated_weights(model, directory: str | os.PathLike, also_pth: bool = False) -> Path:
+    """Write ``infinity_base_weights.safetensors``, ``car_weights.safetensors`` and ``car_config.json``."""
+    from .models.pilot import is_car_key
+
+    directory = Path(directory)
+    sd = model.state_dict()
+    base = {k: v for k, v in sd.items() if not is_car_key(k)}
+    car = {k: v for k, v in sd.items() if is_car_key(k)}
+    for name, part in ((BASE_WEIGHTS, base), (CAR_WEIGHTS, car)):
+        save_state_dict(part, directory / f"{name}.safetensors")
+        if also_pth:
+            save_state_dict(part, directory / f"{name}.pth")
+    config = {**model.car_config(), "base": detect_infinity_config(base)}
+    tmp = directory / f".{CAR_CONFIG}.tmp"
+    tmp.write_text(json.dumps(config, indent=1))
+    os.replace(tmp, directory / CAR_CONFIG)
+    return directory
+
+
+def _weights_file(directory: Path, name: str) -> Path:
+    for suffix in (".safetensors", ".pth"):
+        if (directory / f"{name}{suffix}").exists():
+            return directory / f"{name}{suffix}"
+    raise FileNotFoundError(f"{directory} has no {name}.safetensors or {name}.pth")
+
+
+def load_separated_weights(
+    directory: str | os.PathLike,
+    *,
+    base_weights: Source | None = None,
+    device: torch.device | str = "cpu",
+    **overrides: Any,
+):
+    """Rebuild an InfinityPilot from a directory written by :func:`save_separated_weights`.
+
+    ``base_weights`` may point elsewhere (e.g. the official release) instead of the copy here.
+    """
+    from .models.pilot import InfinityPilot
+
+    directory = Path(directory)
+    config_path = directory / CAR_CONFIG
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: not a directory written by save_separated_weights")
+    config = json.loads(config_path.read_text())
+    config.pop("base", None)
+    base = base_weights if base_weights is not None else _weights_file(directory, BASE_WEIGHTS)
+    model = InfinityPilot(infinity_base_model=base, **{**config, **overrides})
+    load_car_weights(model, _weights_file(directory, CAR_WEIGHTS))
     return model.to(device).eval()

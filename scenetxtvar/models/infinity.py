@@ -47,6 +47,14 @@ class InferenceOutput:
 
 
 @dataclass
+class GuidancePlan:
+    """Sampling branches (one prompt batch each) and, per scale, the weights that mix their logits."""
+
+    texts: list[PackedText]
+    weights: list[list[float]]  # [scale][branch]; each row sums to 1
+
+
+@dataclass
 class TextContext:
     """Everything the blocks need from the prompt, computed once per forward."""
 
@@ -101,7 +109,7 @@ class Infinity(nn.Module):
         self.V = 2 * self.d if self.bitwise else vocab_size
         self.shared_aln, self.norm_eps = shared_aln, norm_eps
         self.cond_drop_rate, self.checkpointing = cond_drop_rate, checkpointing
-        self.num_block_chunks = block_chunks
+        self.num_block_chunks, self.drop_path_rate = block_chunks, drop_path_rate
         hidden = ffn_hidden or ffn_hidden_size(embed_dim, mlp_ratio)
         self.ffn_hidden = hidden
 
@@ -289,8 +297,11 @@ class Infinity(nn.Module):
 
     # ------------------------------------------------------------------ training forward
 
-    def prepare_inputs(self, label_B_or_BLT, x_BLC_wo_prefix: Tensor, scale_schedule, text_keep: Tensor | None = None):
-        """Validate and embed the teacher-forced inputs: (tokens (B, L, C), TextContext, schedule)."""
+    def prepare_inputs(
+        self, label_B_or_BLT, x_BLC_wo_prefix: Tensor, scale_schedule, text_keep: Tensor | None = None
+    ) -> tuple[Tensor, TextContext, list[tuple[int, int, int]]]:
+        """Validate and embed the teacher-forced inputs: (tokens (B, L, C) before the scale embedding,
+        TextContext, schedule)."""
         sched = self.check_schedule(scale_schedule)
         text = as_packed_text(label_B_or_BLT)
         if x_BLC_wo_prefix.dim() != 3:
@@ -310,9 +321,12 @@ class Infinity(nn.Module):
         ctx = self.encode_text(text)
         with no_autocast(x_BLC_wo_prefix.device.type):
             sos = ctx.cond_BD.unsqueeze(1) + self.pos_start
-            x = torch.cat([sos, self.embed_scale_inputs(x_BLC_wo_prefix)], dim=1)
-            x = x + self.lvl_embed(self.scale_ids(sched, x.device))
-        return x, ctx, sched
+            tokens = torch.cat([sos, self.embed_scale_inputs(x_BLC_wo_prefix)], dim=1)
+        return tokens, ctx, sched
+
+    def scale_embedding(self, sched, device: torch.device) -> Tensor:
+        """``lvl_embed`` of every token (L, C): added once, before the first block."""
+        return self.lvl_embed(self.scale_ids(sched, device))
 
     def forward(
         self, label_B_or_BLT, x_BLC_wo_prefix: Tensor, scale_schedule, text_keep: Tensor | None = None
@@ -321,8 +335,9 @@ class Infinity(nn.Module):
 
         ``text_keep`` (B,) bool overrides the random CFG prompt drop of training mode.
         """
-        x, ctx, sched = self.prepare_inputs(label_B_or_BLT, x_BLC_wo_prefix, scale_schedule, text_keep)
-        mask, rope = self.attention_inputs(sched, x.device)
+        tokens, ctx, sched = self.prepare_inputs(label_B_or_BLT, x_BLC_wo_prefix, scale_schedule, text_keep)
+        mask, rope = self.attention_inputs(sched, tokens.device)
+        x = tokens + self.scale_embedding(sched, tokens.device)
         return self.get_logits(self.run_blocks(x, ctx, mask, rope), ctx.cond_BD)
 
     def attention_inputs(self, sched, device: torch.device) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -349,80 +364,121 @@ class Infinity(nn.Module):
         gt_leak: int = 0,
         gt_ls_Bl: Sequence[Tensor] | None = None,
         return_logits: bool = False,
-        hook_factory: Callable[[int, int], BlockHook | None] | None = None,
     ) -> InferenceOutput:
         """Sample scale by scale with KV caches, classifier-free guidance and a seeded generator.
 
-        ``cfg_insertion_layer`` 0 mixes conditional and unconditional logits; ``-m`` mixes the
-        hidden states after block ``depth - m``. With ``gt_leak = k`` the first k scales take
-        the bits in ``gt_ls_Bl`` instead of sampling (teacher-forced inference).
-        ``hook_factory(k, rows)`` may return a block hook for scale k (used by InfinityPilot).
+        Guidance: ``logits = cfg * cond + (1 - cfg) * uncond`` (after ``1 / tau``), the
+        unconditional prompt being ``cfg_uncond[:len_b]`` or ``negative_label_B_or_BLT``.
+        ``cfg_insertion_layer`` 0 mixes logits; ``-m`` mixes hidden states after block
+        ``depth - m``. With ``gt_leak = k`` the first k scales take the labels in ``gt_ls_Bl``
+        instead of sampling (teacher-forced inference).
         """
+        sched, text, cfgs = self._sampling_inputs(scale_schedule, label_B_or_BLT, B, cfg_list)
+        if any(c != 1.0 for c in cfgs):
+            plan = GuidancePlan([text, self._negative(text, negative_label_B_or_BLT, B)], [[c, 1.0 - c] for c in cfgs])
+        else:
+            plan = GuidancePlan([text], [[1.0]] * len(sched))
+        return self._sample(
+            vae,
+            sched,
+            plan,
+            B,
+            g_seed=g_seed,
+            tau_list=tau_list,
+            top_k=top_k,
+            top_p=top_p,
+            cfg_insertion_layer=cfg_insertion_layer,
+            gt_leak=gt_leak,
+            gt_ls_Bl=gt_ls_Bl,
+            return_logits=return_logits,
+        )
+
+    def _sampling_inputs(self, scale_schedule, label_B_or_BLT, B: int, cfg_list):
         if scale_schedule is None or label_B_or_BLT is None:
             raise ValueError("scale_schedule and label_B_or_BLT are required")
         sched = self.check_schedule(scale_schedule)
-        num_scales = len(sched)
         text = as_packed_text(label_B_or_BLT)
         if text.batch_size != B:
             raise ValueError(f"the text batch has {text.batch_size} prompts but B={B}")
-        cfgs = _per_scale(cfg_list, num_scales, "cfg_list")
+        return sched, text, _per_scale(cfg_list, len(sched), "cfg_list")
+
+    def _negative(self, text: PackedText, negative_label_B_or_BLT, B: int) -> PackedText:
+        """The unconditional prompts: the learned null prompt, or the user's negative prompts."""
+        if negative_label_B_or_BLT is None:
+            return self.null_text_like(text)
+        neg = as_packed_text(negative_label_B_or_BLT)
+        if neg.batch_size != B:
+            raise ValueError(f"the negative prompt batch has {neg.batch_size} prompts but B={B}")
+        return neg.to(text.kv_compact.device)
+
+    def scale_hook(
+        self, k: int, tokens: Tensor, ctx: TextContext, rope: tuple[Tensor, Tensor], rows_per_branch: int
+    ) -> BlockHook | None:
+        """A hook on the base blocks at sampling scale k (none here; InfinityPilot fuses its control)."""
+        return None
+
+    def _sample(
+        self,
+        vae,
+        sched,
+        plan: GuidancePlan,
+        B: int,
+        *,
+        g_seed,
+        tau_list,
+        top_k,
+        top_p,
+        cfg_insertion_layer,
+        gt_leak,
+        gt_ls_Bl,
+        return_logits,
+    ) -> InferenceOutput:
+        """The KV-cached sampling loop over guidance branches (each B rows, stacked)."""
+        num_scales, n = len(sched), len(plan.texts)
         taus = _per_scale(tau_list, num_scales, "tau_list")
-        insertion = _insertion_layer(cfg_insertion_layer, self.depth)
+        insertion = _insertion_layer(cfg_insertion_layer, self.depth) if n > 1 else None
         if gt_leak and (gt_ls_Bl is None or len(gt_ls_Bl) < gt_leak):
             raise ValueError(f"gt_leak={gt_leak} needs at least that many entries in gt_ls_Bl")
-
-        use_cfg = any(c != 1.0 for c in cfgs)
-        if use_cfg:
-            neg = (
-                self.null_text_like(text)
-                if negative_label_B_or_BLT is None
-                else as_packed_text(negative_label_B_or_BLT)
-            )
-            if neg.batch_size != B:
-                raise ValueError(f"the negative prompt batch has {neg.batch_size} prompts but B={B}")
-            text = _concat_text(text, neg.to(text.kv_compact.device))
-        rows = 2 * B if use_cfg else B
         device = self.pos_start.device
-        ctx = self.encode_text(text.to(device))
+        texts = [t.to(device) for t in plan.texts]
+        ctx = self.encode_text(texts[0] if n == 1 else _concat_text(texts))
         gen = torch.Generator(device=device).manual_seed(g_seed) if g_seed is not None else None
         cos, sin = self.rope.table(sched, device)
         offsets = [0, *torch.tensor(scale_lengths(sched)).cumsum(0).tolist()]
         blocks = self.block_list
         state = self.code_space(vae).sampler(sched, B, device)
 
+        def mix(t: Tensor, weights: list[float]) -> Tensor:
+            return sum(w * t[j * B : (j + 1) * B] for j, w in enumerate(weights))
+
         with no_autocast(device.type):
-            x = ctx.cond_BD.unsqueeze(1) + self.pos_start
+            tokens = ctx.cond_BD.unsqueeze(1) + self.pos_start
         scale_logits = []
         self.kv_caching(True)
         try:
             for k in range(num_scales):
                 rope = (cos[offsets[k] : offsets[k + 1]], sin[offsets[k] : offsets[k + 1]])
-                x = x + self.lvl_embed.weight[k]
-                hook = hook_factory(k, rows) if hook_factory is not None else None
+                hook = self.scale_hook(k, tokens, ctx, rope, B)
+                x = tokens + self.lvl_embed.weight[k]
                 for i, blk in enumerate(blocks):
                     if hook is not None:
                         x = hook(i, x)
                     x = blk(x, ctx.cond, ctx.text, None, rope)
-                    if use_cfg and insertion is not None and i == insertion:
-                        # Guidance inside the stack: mix once, then carry the mixed state in both halves.
-                        x = cfgs[k] * x[:B] + (1 - cfgs[k]) * x[B:]
-                        x = torch.cat([x, x])
-                if use_cfg and insertion is not None:
+                    if insertion is not None and i == insertion:
+                        # Guidance inside the stack: mix once, then carry the mixed state in every branch.
+                        x = mix(x, plan.weights[k]).repeat(n, 1, 1)
+                if insertion is not None:
                     logits = self.get_logits(x[:B], ctx.cond_BD[:B])
-                    mixed = logits / taus[k]
+                    guided = logits / taus[k]
                 else:
                     logits = self.get_logits(x, ctx.cond_BD)
-                    mixed = logits / taus[k]
-                    if use_cfg:
-                        mixed = cfgs[k] * mixed[:B] + (1 - cfgs[k]) * mixed[B:]
+                    guided = mix(logits / taus[k], plan.weights[k])
                 if return_logits:
                     scale_logits.append(logits)
                 forced = gt_ls_Bl[k] if k < gt_leak else None
-                nxt = state.step(k, mixed, top_k=top_k, top_p=top_p, generator=gen, forced=forced)
+                nxt = state.step(k, guided, top_k=top_k, top_p=top_p, generator=gen, forced=forced)
                 if nxt is not None:
-                    x = self.embed_scale_inputs(nxt)
-                    if use_cfg:
-                        x = torch.cat([x, x])
+                    tokens = self.embed_scale_inputs(nxt).repeat(n, 1, 1)
         finally:
             self.kv_caching(False)
 
@@ -471,6 +527,7 @@ def _insertion_layer(cfg_insertion_layer: int | Sequence[int], depth: int) -> in
     return depth + layer
 
 
-def _concat_text(a: PackedText, b: PackedText) -> PackedText:
-    lens = torch.cat([a.lens, b.lens.to(a.lens.device)])
-    return as_packed_text((torch.cat([a.kv_compact, b.kv_compact.to(a.kv_compact)]), lens, None, None))
+def _concat_text(texts: Sequence[PackedText]) -> PackedText:
+    device = texts[0].kv_compact.device
+    lens = torch.cat([t.lens.to(device) for t in texts])
+    return as_packed_text((torch.cat([t.kv_compact.to(device) for t in texts]), lens, None, None))

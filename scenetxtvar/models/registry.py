@@ -12,6 +12,7 @@ from typing import Any
 from timm.models import register_model
 
 from .infinity import Infinity
+from .pilot import InfinityPilot
 
 # The official presets: (depth, embed_dim, num_heads) + the released chunking and drop-path.
 INFINITY_PRESETS: dict[str, dict[str, Any]] = {
@@ -48,16 +49,37 @@ def build_preset(name: str, pretrained: bool = False, **overrides: Any) -> Infin
     return Infinity(**{**_DEFAULTS, **INFINITY_PRESETS[name], **overrides})
 
 
-def _register(name: str) -> None:
-    def entry(pretrained: bool = False, **kwargs: Any) -> Infinity:
-        return build_preset(name, pretrained=pretrained, **kwargs)
+def build_pilot_preset(name: str, pretrained: bool = False, **overrides: Any) -> InfinityPilot:
+    """An ``infinity_pilot_*`` preset: the base preset plus a CAR branch of min(8, depth // 2) blocks."""
+    base = name.replace("infinity_pilot_", "infinity_", 1)
+    if base not in INFINITY_PRESETS:
+        raise ValueError(f"unknown InfinityPilot preset {name!r}")
+    if pretrained:
+        raise ValueError("weights are never downloaded: pass infinity_base_model=<local path> instead")
+    for key in _TIMM_ARGS:
+        overrides.pop(key, None)
+    cfg = {**_DEFAULTS, **INFINITY_PRESETS[base]}
+    car = dict(car_depth=min(8, cfg["depth"] // 2))
+    if base == "infinity_tiny":
+        car["control_channels"] = (16, 32, 64, 128, 128)
+    if "infinity_base_model" in overrides:  # the architecture then comes from the weights
+        cfg = {}
+    return InfinityPilot(**{**cfg, **car, **overrides})
+
+
+def _register(name: str, builder) -> None:
+    def entry(pretrained: bool = False, **kwargs: Any):
+        return builder(name, pretrained=pretrained, **kwargs)
 
     entry.__name__ = name
     entry.__qualname__ = name
-    entry.__doc__ = f"Infinity preset {name}: {INFINITY_PRESETS[name]}"
+    entry.__doc__ = f"preset {name}"
     entry.__module__ = __name__
     register_model(entry)
 
 
+PILOT_PRESETS = [n.replace("infinity_", "infinity_pilot_", 1) for n in INFINITY_PRESETS]
 for _name in INFINITY_PRESETS:
-    _register(_name)
+    _register(_name, build_preset)
+for _name in PILOT_PRESETS:
+    _register(_name, build_pilot_preset)
