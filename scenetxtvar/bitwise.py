@@ -194,8 +194,9 @@ def bitwise_accuracy_per_token(logits: Tensor, gt_bits: Tensor) -> Tensor:
 class BitwiseSampler:
     """Sampling state for bits: the running code sum and the sampled bits of every scale."""
 
-    def __init__(self, schedule: Sequence[Sequence[int]], batch: int, code_dim: int, patchify: bool,
-                 device: torch.device | str) -> None:
+    def __init__(
+        self, schedule: Sequence[Sequence[int]], batch: int, code_dim: int, patchify: bool, device: torch.device | str
+    ) -> None:
         self.token_grids = [(h, w) for _, h, w in normalize_schedule(schedule)]
         self.patchify = patchify
         self.acc = CodeAccumulator(schedule, batch, code_dim, patchify=patchify, device=device)
@@ -206,8 +207,16 @@ class BitwiseSampler:
         """(B, dq, H, W): what the tokenizer's decoder takes."""
         return self.acc.summed
 
-    def step(self, k: int, logits: Tensor, *, top_k: int = 0, top_p: float = 0.0,
-             generator: torch.Generator | None = None, forced: Tensor | None = None) -> Tensor | None:
+    def step(
+        self,
+        k: int,
+        logits: Tensor,
+        *,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        generator: torch.Generator | None = None,
+        forced: Tensor | None = None,
+    ) -> Tensor | None:
         """Sample scale k's bits from (B, h*w, 2d) logits (or take ``forced`` (B,1,h,w,dq) bits)."""
         if forced is not None:
             grid = forced.to(self.acc.summed.device).long().squeeze(1).permute(0, 3, 1, 2)
@@ -227,11 +236,24 @@ class BitwiseCodes:
         self.token_dim = code_dim * (4 if patchify else 1)
         self.head_dim = 2 * self.token_dim
 
-    def targets(self, features: Tensor, schedule: Sequence[Sequence[int]], *, noise_strength: float = 0.0,
-                noise_layers: int = 0, generator: torch.Generator | None = None) -> ScaleTargets:
+    def targets(
+        self,
+        features: Tensor,
+        schedule: Sequence[Sequence[int]],
+        *,
+        noise_strength: float = 0.0,
+        noise_layers: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> ScaleTargets:
         """Bit labels and teacher-forcing inputs with bitwise self-correction (see :func:`build_targets`)."""
-        t = build_targets(features, schedule, patchify=self.patchify, noise_strength=noise_strength,
-                          noise_layers=noise_layers, generator=generator)
+        t = build_targets(
+            features,
+            schedule,
+            patchify=self.patchify,
+            noise_strength=noise_strength,
+            noise_layers=noise_layers,
+            generator=generator,
+        )
         return ScaleTargets(t.x_BLC_wo_prefix, t.gt_bits)
 
     def loss_per_token(self, logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:

@@ -49,8 +49,16 @@ class ScaleSampler(Protocol):
     summed: Tensor  # the latent the decoder takes
     labels: list[Tensor]  # per scale, in the tokenizer's layout
 
-    def step(self, k: int, logits: Tensor, *, top_k: int, top_p: float, generator: torch.Generator | None,
-             forced: Tensor | None = None) -> Tensor | None:
+    def step(
+        self,
+        k: int,
+        logits: Tensor,
+        *,
+        top_k: int,
+        top_p: float,
+        generator: torch.Generator | None,
+        forced: Tensor | None = None,
+    ) -> Tensor | None:
         """Sample scale k from guided logits (or take ``forced`` labels); return scale k+1's inputs."""
         ...
 
@@ -61,8 +69,15 @@ class CodeSpace(Protocol):
     token_dim: int  # transformer input width d
     head_dim: int  # transformer output width V
 
-    def targets(self, features: Tensor, schedule: Sequence[Sequence[int]], *, noise_strength: float = 0.0,
-                noise_layers: int = 0, generator: torch.Generator | None = None) -> ScaleTargets:
+    def targets(
+        self,
+        features: Tensor,
+        schedule: Sequence[Sequence[int]],
+        *,
+        noise_strength: float = 0.0,
+        noise_layers: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> ScaleTargets:
         """Labels and teacher-forcing inputs from raw features."""
         ...
 
@@ -79,8 +94,9 @@ class CodeSpace(Protocol):
         ...
 
 
-def sample_from_logits(logits: Tensor, top_k: int = 0, top_p: float = 0.0,
-                       generator: torch.Generator | None = None) -> Tensor:
+def sample_from_logits(
+    logits: Tensor, top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None
+) -> Tensor:
     """Sample the last axis of ``logits`` (..., V) with VAR's top-k / top-p filter -> (...) int64.
 
     Top-k keeps values not below the k-th largest; top-p removes the least likely values whose

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from scenetxtvar import bitwise
+from scenetxtvar.checkpoint import CheckpointMismatchError
 from scenetxtvar.tokenizers.bsq import (
     BSQVAE,
     BSQVAEConfig,
@@ -378,35 +379,42 @@ def test_bits_and_latent_dim_errors(vae: BSQVAE) -> None:
 def test_missing_extra_and_misshaped_keys(raw_sd: dict) -> None:
     sd = dict(raw_sd)
     del sd["decoder.mid.block_2.conv1.conv.bias"]
-    with pytest.raises(ValueError, match=r"missing 1 \(decoder\.mid\.block_2\.conv1\.conv\.bias\)") as e:
+    with pytest.raises(
+        CheckpointMismatchError, match=r"1 missing key\(s\): decoder\.mid\.block_2\.conv1\.conv\.bias$"
+    ) as e:
         load_bsq_vae(sd)
-    assert "unexpected 0" in str(e.value)
+    assert "does not match the BSQ-VAE BSQVAEConfig(" in str(e.value)
+    assert e.value.unexpected == [] and e.value.mis_shaped == [] and "unexpected" not in str(e.value)
 
     sd = {**raw_sd, "encoder.mid.attn_1.q.conv.weight": torch.zeros(24, 24, 1, 1)}
-    with pytest.raises(ValueError, match=r"unexpected 1 \(encoder\.mid\.attn_1\.q\.conv\.weight\)"):
+    with pytest.raises(CheckpointMismatchError, match=r"1 unexpected key\(s\): encoder\.mid\.attn_1\.q\.conv\.weight$"):
         load_bsq_vae(sd)
 
     sd = {**raw_sd, "encoder.down.1.block.0.conv2.conv.weight": torch.zeros(24, 24, 1, 1)}
-    with pytest.raises(ValueError, match=r"mis-shaped 1 \(encoder\.down\.1\.block\.0\.conv2\.conv\.weight: "
-                       r"checkpoint \(24, 24, 1, 1\) vs model \(24, 24, 3, 3\)\)"):  # fmt: skip
+    # checkpoint's shape != model's
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"1 mis-shaped key\(s\): encoder\.down\.1\.block\.0\.conv2\.conv\.weight "
+        r"\(24, 24, 1, 1\) != \(24, 24, 3, 3\)$",
+    ):
         load_bsq_vae(sd)
 
 
 def test_file_errors(tmp_path: Path, raw_sd: dict) -> None:
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is not a checkpoint" * 10)
-    with pytest.raises(ValueError, match=r"garbage\.pth: cannot read a BSQ-VAE checkpoint"):
+    with pytest.raises(ValueError, match=r"garbage\.pth is not a readable BSQ-VAE checkpoint"):
         load_bsq_vae(garbage)
 
     truncated = tmp_path / "truncated.pth"
     torch.save({"vae": raw_sd}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:5000])
-    with pytest.raises(ValueError, match=r"truncated\.pth: cannot read"):
+    with pytest.raises(ValueError, match=r"truncated\.pth is not a readable BSQ-VAE checkpoint"):
         load_bsq_vae(truncated)
 
     bad_st = tmp_path / "bad.safetensors"
     bad_st.write_bytes(b"\x00" * 64)
-    with pytest.raises(ValueError, match=r"bad\.safetensors: cannot read"):
+    with pytest.raises(ValueError, match=r"bad\.safetensors is not a readable BSQ-VAE checkpoint"):
         load_bsq_vae(bad_st)
 
     other = tmp_path / "transformer.pth"
@@ -414,7 +422,7 @@ def test_file_errors(tmp_path: Path, raw_sd: dict) -> None:
     with pytest.raises(ValueError, match=r"transformer\.pth: not a BSQ-VAE checkpoint.*word_embed"):
         load_bsq_vae(other)
 
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"BSQ-VAE checkpoint not found: .*nope\.pth"):
         load_bsq_vae(tmp_path / "nope.pth")
 
     # A VAR-style VQ-VAE (conv keys without wrappers, attention, a codebook) is rejected strictly.

@@ -28,8 +28,9 @@ VQ_SCHEDULE = [(1, 1, 1), (1, 2, 2), (1, 3, 3), (1, 4, 4)]
 
 def tiny_infinity(**kw) -> Infinity:
     torch.manual_seed(0)
-    model = Infinity(depth=2, embed_dim=64, num_heads=2, text_channels=128, text_maxlen=8, block_chunks=1,
-                     cond_drop_rate=0.0, **kw)
+    model = Infinity(
+        depth=2, embed_dim=64, num_heads=2, text_channels=128, text_maxlen=8, block_chunks=1, cond_drop_rate=0.0, **kw
+    )
     model.init_weights(head_scale=1.0)
     return model
 
@@ -111,8 +112,9 @@ def test_tiny_infinity_learns_on_vq_indices_and_samples_images(vq):
     first, last = train_a_few_steps(model, codes, feats, VQ_SCHEDULE)
     assert last < 0.7 * first, (first, last)
     model.eval()
-    out = model.autoregressive_infer_cfg(vae=vq, scale_schedule=VQ_SCHEDULE, label_B_or_BLT=text_for(2), B=2,
-                                         g_seed=0, cfg_list=2.0, top_k=10, top_p=0.9)
+    out = model.autoregressive_infer_cfg(
+        vae=vq, scale_schedule=VQ_SCHEDULE, label_B_or_BLT=text_for(2), B=2, g_seed=0, cfg_list=2.0, top_k=10, top_p=0.9
+    )
     assert [i.shape for i in out.scale_bits] == [(2, 1), (2, 4), (2, 9), (2, 16)]
     assert out.image.shape == (2, 3, 64, 64) and out.image.abs().max() <= 1
     with pytest.raises(ValueError, match="pass vae"):
@@ -122,8 +124,9 @@ def test_tiny_infinity_learns_on_vq_indices_and_samples_images(vq):
 def test_bsq_backend_decodes_through_the_same_protocol():
     vae = tiny_bsq()
     model = tiny_infinity(codebook_dim=8).eval()
-    out = model.autoregressive_infer_cfg(vae=vae, scale_schedule=BSQ_SCHEDULE, label_B_or_BLT=text_for(2), B=2,
-                                         g_seed=0, cfg_list=3.0, top_p=0.97)
+    out = model.autoregressive_infer_cfg(
+        vae=vae, scale_schedule=BSQ_SCHEDULE, label_B_or_BLT=text_for(2), B=2, g_seed=0, cfg_list=3.0, top_p=0.97
+    )
     assert out.image.shape == (2, 3, 16, 16)
     summed, image = vae.decode_from_bits(out.scale_bits, BSQ_SCHEDULE)
     torch.testing.assert_close(summed, out.summed_codes, atol=1e-6, rtol=0)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from scenetxtvar.checkpoint import CheckpointMismatchError
 from scenetxtvar.tokenizers.vq import (
     VQVAE,
     PhiNonShared,
@@ -259,7 +260,7 @@ def test_idx_list_must_match_schedule(model: VQVAE, idx_Bl: list[torch.Tensor]) 
 
 def test_missing_key_is_listed(raw_sd: dict[str, torch.Tensor]) -> None:
     sd = {k: v for k, v in raw_sd.items() if k != "decoder.conv_out.bias"}
-    with pytest.raises(ValueError, match=r"1 missing \(decoder\.conv_out\.bias\)"):
+    with pytest.raises(CheckpointMismatchError, match=r"1 missing key\(s\): decoder\.conv_out\.bias$"):
         load_vq_vae(sd, v_patch_nums=PATCH_NUMS)
 
 
@@ -271,14 +272,28 @@ def test_missing_detection_key(raw_sd: dict[str, torch.Tensor]) -> None:
 
 def test_unexpected_key_is_listed(raw_sd: dict[str, torch.Tensor]) -> None:
     sd = {**raw_sd, "decoder.extra.weight": torch.zeros(3)}
-    with pytest.raises(ValueError, match=r"1 unexpected \(decoder\.extra\.weight\)"):
+    with pytest.raises(CheckpointMismatchError, match=r"1 unexpected key\(s\): decoder\.extra\.weight$"):
         load_vq_vae(sd, v_patch_nums=PATCH_NUMS)
 
 
 def test_misshaped_key_is_listed(raw_sd: dict[str, torch.Tensor]) -> None:
     sd = {**raw_sd, "post_quant_conv.weight": torch.zeros(8, 8, 1, 1)}
-    with pytest.raises(ValueError, match=r"1 mis-shaped \(post_quant_conv\.weight: checkpoint \(8, 8, 1, 1\)"):
+    # checkpoint's shape != model's
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"1 mis-shaped key\(s\): post_quant_conv\.weight \(8, 8, 1, 1\) != \(8, 8, 3, 3\)$",
+    ):
         load_vq_vae(sd, v_patch_nums=PATCH_NUMS)
+
+
+def test_usage_buffer_with_other_vocab_is_misshaped(raw_sd: dict[str, torch.Tensor]) -> None:
+    # Only the scale count of ema_vocab_hit_SV may differ; another vocabulary size is a real mismatch.
+    sd = {**raw_sd, "quantize.ema_vocab_hit_SV": torch.zeros(10, 32)}
+    with pytest.raises(
+        CheckpointMismatchError, match=r"1 mis-shaped key\(s\): quantize\.ema_vocab_hit_SV \(10, 32\)"
+    ) as e:
+        load_vq_vae(sd, v_patch_nums=PATCH_NUMS)
+    assert "does not match VQVAE({" in str(e.value) and not e.value.missing and not e.value.unexpected
 
 
 def test_unknown_override() -> None:
@@ -295,10 +310,11 @@ def test_not_a_checkpoint(kind: str, tmp_path: Path) -> None:
         path.write_bytes(SD_PATH.read_bytes()[:100_000])
     else:
         torch.save(torch.zeros(3), path)
-    with pytest.raises(ValueError, match=re.escape(str(path))):
+    with pytest.raises(ValueError, match=re.escape(str(path))) as e:
         load_vq_vae(path)
+    assert "VQVAE checkpoint" in str(e.value)  # names the kind of checkpoint expected
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"VQVAE checkpoint not found: .*nope\.pth"):
         load_vq_vae(tmp_path / "nope.pth")

@@ -24,7 +24,6 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bitwise import area_resize, bits_to_codes, bsq_quantize, latent_grids, trilinear_resize
+from ..checkpoint import load_strict, read_checkpoint
 from ..scales import normalize_schedule
 
 logger = logging.getLogger(__name__)
@@ -473,6 +473,7 @@ _CONV_WRAPPER = re.compile(
 )
 _NORM_WRAPPER = re.compile(rf"^(?:{_SIDE}\.norm_out|{_BLOCK}\.norm[12])\.(?:weight|bias)$")
 _MASK_KEYS = ("quantizer.lfq.mask", "quantize.lfq.mask")
+_WHAT = "BSQ-VAE checkpoint"
 
 
 def convert_legacy_keys(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int]:
@@ -534,29 +535,6 @@ def detect_config(state_dict: Mapping[str, Tensor]) -> BSQVAEConfig:
     )
 
 
-def _read(source: str | os.PathLike | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
-    if isinstance(source, Mapping):
-        return source, "<state dict>"
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"BSQ-VAE checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the loaders raise many types for garbage/truncated files
-        raise ValueError(
-            f"{path}: cannot read a BSQ-VAE checkpoint (expected a torch .pth with {{'vae': state_dict}} "
-            f"or a plain state dict, or a .safetensors state dict): {type(e).__name__}: {e}"
-        ) from e
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
-    return obj, str(path)
-
-
 def _extract_state_dict(obj: Mapping[str, Any], origin: str) -> dict[str, Tensor]:
     # Official files are {"vae": state_dict, ...other training entries}; take "vae" only.
     sd = obj.get("vae", obj)
@@ -582,27 +560,6 @@ def _fill_masks(sd: dict[str, Tensor], dim: int) -> None:
             logger.info("BSQ-VAE checkpoint lacks %s; regenerated it (2**(dq-1..0))", key)
 
 
-def _summarise(keys: Sequence[str], n: int = 4) -> str:
-    return f"{len(keys)} ({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})"
-
-
-def _check_keys(model: nn.Module, sd: Mapping[str, Tensor], origin: str) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    misshaped = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
-        for k in expected
-        if k in sd and tuple(sd[k].shape) != expected[k]
-    ]
-    if missing or unexpected or misshaped:
-        raise ValueError(
-            f"{origin}: state dict does not match the BSQ-VAE {model.config}: "
-            f"missing {_summarise(missing)}; unexpected {_summarise(unexpected)}; "
-            f"mis-shaped {_summarise(misshaped, 2)}"
-        )
-
-
 def load_bsq_vae(source: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> BSQVAE:
     """Build a BSQ-VAE whose architecture is detected from ``source`` and load it strictly (eval, frozen).
 
@@ -611,7 +568,9 @@ def load_bsq_vae(source: str | os.PathLike | Mapping[str, Any], **overrides: Any
     un-wrapped conv/norm key names are converted. ``overrides`` replace detected
     :class:`BSQVAEConfig` fields.
     """
-    obj, origin = _read(source)
+    obj = read_checkpoint(source, _WHAT)
+    origin = "<state dict>" if isinstance(source, Mapping) else str(source)
+    what = "the BSQ-VAE state dict" if isinstance(source, Mapping) else f"{_WHAT} {origin}"
     try:
         sd, renamed = convert_legacy_keys(_extract_state_dict(obj, origin))
         config = dataclasses.replace(detect_config(sd), **overrides)
@@ -623,8 +582,7 @@ def load_bsq_vae(source: str | os.PathLike | Mapping[str, Any], **overrides: Any
         raise ValueError(f"{origin}: {e}") from e
     _fill_masks(sd, config.codebook_dim)
     model = BSQVAE(config)
-    _check_keys(model, sd, origin)
-    model.load_state_dict(sd, strict=True)
+    load_strict(model, sd, what, target=f"the BSQ-VAE {config}")
     model.eval().requires_grad_(False)
     logger.info("loaded BSQ-VAE from %s: %s (%d legacy keys renamed)", origin, config, renamed)
     return model

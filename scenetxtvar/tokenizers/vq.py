@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoint import load_strict, read_checkpoint
+
 __all__ = [
     "DEFAULT_CH_MULT",
     "DEFAULT_PATCH_NUMS",
@@ -715,21 +717,8 @@ def _unwrap(obj: Any, origin: str) -> dict[str, Tensor]:
 
 def read_state_dict(source: str | Path | Mapping[str, Any]) -> dict[str, Tensor]:
     """Read a VQVAE state dict from a .pth/.pt/.safetensors path or a (possibly nested) mapping."""
-    if isinstance(source, Mapping):
-        return _unwrap(source, "the given mapping")
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"VQVAE checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch/safetensors raise many unrelated types for corrupt files
-        raise ValueError(f"{path} is not a readable VQVAE checkpoint: {type(exc).__name__}: {exc}") from exc
-    return _unwrap(obj, str(path))
+    origin = "the given mapping" if isinstance(source, Mapping) else str(source)
+    return _unwrap(read_checkpoint(source, "VQVAE checkpoint"), origin)
 
 
 def _indices_under(sd: Mapping[str, Tensor], prefix: str) -> list[int]:
@@ -782,22 +771,17 @@ def infer_vqvae_kwargs(sd: Mapping[str, Tensor]) -> dict[str, Any]:
     return kwargs
 
 
-def _describe_mismatch(model: nn.Module, sd: Mapping[str, Tensor], limit: int = 5) -> str | None:
-    """Human-readable list of missing / unexpected / mis-shaped keys, or None if the dict fits."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    misshaped = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in sd and sd[k].shape != v.shape and not (k == _EMA_KEY and sd[k].shape[1:] == v.shape[1:])
-    ]
-    parts = [
-        f"{len(items)} {label} ({', '.join(items[:limit])}{', ...' if len(items) > limit else ''})"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-        if items
-    ]
-    return "; ".join(parts) if parts else None
+def _with_model_ema(model: VQVAE, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``sd`` with the model's own usage buffer where the checkpoint's differs only in its scale count.
+
+    ``ema_vocab_hit_SV`` is (num training scales, vocab); it is unused at inference, so a checkpoint
+    trained with another schedule fits (as in :meth:`VQVAE.load_state_dict`). Other shapes stay as
+    they are, so a real mismatch is still reported.
+    """
+    ema, own = sd.get(_EMA_KEY), model.quantize.ema_vocab_hit_SV
+    if ema is None or ema.shape == own.shape or ema.shape[1:] != own.shape[1:]:
+        return sd
+    return {**sd, _EMA_KEY: own.detach().clone()}
 
 
 _CTOR_PARAMS = frozenset(inspect.signature(VQVAE.__init__).parameters) - {"self"}
@@ -813,8 +797,6 @@ def load_vq_vae(source: str | Path | Mapping[str, Any], **overrides: Any) -> VQV
     kwargs = {"v_patch_nums": DEFAULT_PATCH_NUMS, **infer_vqvae_kwargs(sd), **overrides, "test_mode": True}
     logger.info("building VQVAE from %s with %s", origin, kwargs)
     model = VQVAE(**kwargs)
-    problem = _describe_mismatch(model, sd)
-    if problem:
-        raise ValueError(f"state dict from {origin} does not match VQVAE({kwargs}): {problem}")
-    model.load_state_dict(sd, strict=True)
+    what = "the given VQVAE state dict" if isinstance(source, Mapping) else f"VQVAE checkpoint {origin}"
+    load_strict(model, _with_model_ema(model, sd), what, target=f"VQVAE({kwargs})")
     return model.eval().requires_grad_(False)
