@@ -36,10 +36,12 @@ _EXPORTS: dict[str, str] = {
     "convert_anyword": "convert",
     "convert_folder": "convert",
     "convert_infinitypilot": "convert",
+    "SceneTextDataModule": "datamodule",
 }
 
 if TYPE_CHECKING:
     from scenetxtvar.data.convert import ConvertReport, convert_anyword, convert_folder, convert_infinitypilot
+    from scenetxtvar.data.datamodule import SceneTextDataModule
     from scenetxtvar.data.glyph import FontSpec, GlyphRenderer, canny_control, load_condition, render_glyph_control
     from scenetxtvar.data.shards import (
         MANIFEST_NAME,
@@ -83,7 +85,7 @@ __all__ = [
     "load_condition",
     "make_scene",
     "parse_size",
+    "SceneTextDataModule",
     "read_manifest",
     "render_glyph_control",
 ]
-from scenetxtvar.data.datamodule import SceneTextDataModule as SceneTextDataModule  # noqa: E402
