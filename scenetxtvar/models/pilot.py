@@ -131,6 +131,8 @@ class InfinityPilot(Infinity):
         self.control_channels = tuple(control_channels)
         self.car_init = car_init
         self.control_patch = 2 ** (len(self.control_channels) - 1)
+        # Set to a list to record (fusion index, per-token strength (B, L)) during a forward.
+        self.fusion_probe: list[tuple[int, Tensor]] | None = None
         if base_sd is not None:
             from ..checkpoint import _normalise_infinity_keys, block_layout, convert_block_keys, load_strict
 
@@ -221,14 +223,27 @@ class InfinityPilot(Infinity):
         return [p for n, p in self.named_parameters() if not is_car_key(n)]
 
     def freeze_infinity_parameters(self) -> None:
-        """Base frozen (no grads), control branch trainable."""
+        """Base frozen (no grads, and kept in eval mode: no drop-path noise), control branch trainable."""
         for n, p in self.named_parameters():
             p.requires_grad_(is_car_key(n))
+        self.base_frozen = True
+        self.train(self.training)
 
     def unfreeze_infinity_parameters(self) -> None:
         """Everything trainable (full fine-tuning)."""
         for p in self.parameters():
             p.requires_grad_(True)
+        self.base_frozen = False
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> InfinityPilot:
+        """Train mode for the branch; a frozen base stays in eval mode (the prompt drop for CFG still applies)."""
+        super().train(mode)
+        if mode and getattr(self, "base_frozen", False):
+            for name, child in self.named_children():
+                if not is_car_key(name):
+                    child.eval()
+        return self
 
     def kv_caching(self, enable: bool) -> None:
         """Caches of the base blocks and of the CAR blocks."""
@@ -286,6 +301,9 @@ class InfinityPilot(Infinity):
             y = self.car_skip_norm[j](torch.cat([x, c], dim=-1).float())
         y = self.car_skip_linear[j](y).float()
         fused = x + y if self.fusion == "residual" else y
+        if self.fusion_probe is not None:  # monitoring: per-token fusion strength ||fused - x|| / ||x||
+            ratio = (fused - x).detach().float().norm(dim=-1) / x.detach().float().norm(dim=-1).clamp_min(1e-12)
+            self.fusion_probe.append((j, ratio))
         return fused if keep is None else torch.where(keep[:, None, None], fused, x)
 
     def fusion_hook(self, car_outputs: list[Tensor], keep: Tensor | None) -> BlockHook:

@@ -29,11 +29,21 @@ class IndexSampler:
         self.summed = torch.zeros(batch, vae.code_dim, *grids[-1], device=device)
         self.labels: list[Tensor] = []
 
-    def step(self, k: int, logits: Tensor, *, top_k: int = 0, top_p: float = 0.0,
-             generator: torch.Generator | None = None, forced: Tensor | None = None) -> Tensor | None:
+    def step(
+        self,
+        k: int,
+        logits: Tensor,
+        *,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        generator: torch.Generator | None = None,
+        forced: Tensor | None = None,
+    ) -> Tensor | None:
         """Sample scale k's indices from (B, h*w, V) logits (or take ``forced`` (B, h*w))."""
-        idx = forced.to(self.summed.device).long() if forced is not None else sample_from_logits(
-            logits, top_k, top_p, generator
+        idx = (
+            forced.to(self.summed.device).long()
+            if forced is not None
+            else sample_from_logits(logits, top_k, top_p, generator)
         )
         self.labels.append(idx)
         q = self.vae.quantize
@@ -52,8 +62,15 @@ class IndexCodes:
         self.token_dim = vae.code_dim
         self.head_dim = vae.quantize.vocab_size
 
-    def targets(self, features: Tensor, schedule: Sequence[Sequence[int]], *, noise_strength: float = 0.0,
-                noise_layers: int = 0, generator: torch.Generator | None = None) -> ScaleTargets:
+    def targets(
+        self,
+        features: Tensor,
+        schedule: Sequence[Sequence[int]],
+        *,
+        noise_strength: float = 0.0,
+        noise_layers: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> ScaleTargets:
         """Per-scale indices and VAR's teacher-forcing input from ``quant_conv(encoder(img))``."""
         if noise_strength > 0 and noise_layers > 0:
             raise ValueError("bitwise self-correction applies to BSQ bits only; set noise_strength=0 for vae=vq")
@@ -63,8 +80,9 @@ class IndexCodes:
 
     def loss_per_token(self, logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
         """Cross-entropy over the V indices, per token."""
-        return F.cross_entropy(logits.float().transpose(1, 2), labels.long(), reduction="none",
-                               label_smoothing=label_smoothing)
+        return F.cross_entropy(
+            logits.float().transpose(1, 2), labels.long(), reduction="none", label_smoothing=label_smoothing
+        )
 
     def accuracy_per_token(self, logits: Tensor, labels: Tensor) -> Tensor:
         """1 where the most likely index is right."""
