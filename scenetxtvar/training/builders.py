@@ -1,0 +1,84 @@
+"""Build the frozen parts and the model from plain config values, with errors that say which
+file is missing and which override sets it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import load_car_weights
+from ..models.pilot import InfinityPilot
+from ..models.registry import build_pilot_preset
+from ..text import TextEncoder, TinyTextEncoder
+
+logger = logging.getLogger(__name__)
+
+# Condition types the project knows how to make or read; others need shards that carry them.
+KNOWN_CONDITIONS = ("glyph", "canny", "normal", "depth", "seg")
+
+
+def require_file(path: str | os.PathLike, override: str, what: str) -> Path:
+    """``path`` if it exists, else a FileNotFoundError naming the file and the override that sets it."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        raise FileNotFoundError(f"{what} not found: {p}\n  set it with the override {override}=/path/to/file")
+    return p
+
+
+def build_pilot(
+    preset: str, base_weights: str | None = None, car_weights: str | None = None, seed: int = 0, **overrides: Any
+) -> InfinityPilot:
+    """An InfinityPilot: a preset with a seeded random base, or the base weights file's architecture."""
+    if base_weights:
+        base = require_file(base_weights, "model.base_weights", "Infinity base weights")
+        model = build_pilot_preset(preset, infinity_base_model=str(base), **overrides)
+    else:
+        logger.warning("model.base_weights is not set: the base Infinity has random weights (demo/test mode)")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = build_pilot_preset(preset, **overrides)
+    if car_weights:
+        load_car_weights(model, require_file(car_weights, "model.car_weights", "CAR weights"))
+    return model
+
+
+def build_tokenizer(kind: str = "bsq", path: str | None = None, seed: int = 0, **config: Any) -> nn.Module:
+    """The frozen VAE: the official file at ``path``, or a seeded random one built from ``config``."""
+    from ..tokenizers import BSQVAE, VQVAE, BSQVAEConfig, load_bsq_vae, load_vq_vae
+
+    if kind not in ("bsq", "vq"):
+        raise ValueError(f"vae.kind must be 'bsq' or 'vq', got {kind!r}")
+    if path:
+        p = require_file(path, "vae.path", f"{kind.upper()} tokenizer weights")
+        vae = load_bsq_vae(p, **config) if kind == "bsq" else load_vq_vae(p, **config)
+    else:
+        logger.warning("vae.path is not set: the %s tokenizer has random weights (demo/test mode)", kind)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            if kind == "bsq":
+                cfg = dict(config)
+                for key in ("ch_mult", "decoder_ch_mult"):
+                    if cfg.get(key) is not None:
+                        cfg[key] = tuple(cfg[key])
+                vae = BSQVAE(BSQVAEConfig(**cfg))
+            else:
+                vae = VQVAE(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    return vae.eval().requires_grad_(False)
+
+
+def build_text_encoder(kind: str = "tiny", path: str | None = None, **kwargs: Any) -> TextEncoder:
+    """The frozen text encoder: Flan-T5 from a local directory, or the tiny offline one."""
+    if kind == "tiny":
+        return TinyTextEncoder(**kwargs)
+    if kind == "t5":
+        from ..text import T5TextEncoder
+
+        if not path:
+            raise FileNotFoundError("text.path is not set: point it at a local copy of google/flan-t5-xl")
+        return T5TextEncoder(require_file(path, "text.path", "Flan-T5 directory"), **kwargs)
+    raise ValueError(f"text.kind must be 'tiny' or 't5', got {kind!r}")

@@ -1,0 +1,292 @@
+"""``PilotModule``: trains the CAR branch of an InfinityPilot on a frozen base, VAE and text encoder.
+
+One training step (see DESIGN.md): prompts -> packed text; images -> tokenizer features ->
+per-scale labels + teacher-forcing input (bitwise self-correction); controls -> per-scale
+pyramid; forward; cross-entropy per token, per-scale reweighting; only ``car_*``/``control_*``
+parameters are in the optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from ..bitwise import scale_loss_weights
+from ..models.pilot import InfinityPilot, build_control_pyramid, is_car_key
+from ..scales import normalize_schedule, scale_lengths, var_schedule
+from .builders import build_pilot, build_text_encoder, build_tokenizer
+
+
+def base_fingerprint(model: nn.Module) -> Tensor:
+    """A cheap checksum of every frozen tensor (float64 sums of the local values), in a fixed order."""
+    sums = []
+    for name, t in model.state_dict().items():
+        if is_car_key(name) or not t.is_floating_point():
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        sums.append(local.detach().double().sum())
+    return torch.stack(sums).cpu() if sums else torch.zeros(0, dtype=torch.float64)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) random states."""
+    import random
+
+    import numpy as np
+
+    # Plain types and tensors only: Lightning reads checkpoints with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float):
+    """Linear warm-up, then constant or cosine decay to ``min_ratio`` of the peak."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
+
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+class PilotModule(L.LightningModule):
+    """Frozen Infinity + trainable CAR branch; the VAE and text encoder are frozen helpers, not weights."""
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        vae: Mapping[str, Any],
+        text: Mapping[str, Any],
+        conditions: Sequence[str] = ("glyph",),
+        optim: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
+        control_dropout: float = 0.1,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.optim_cfg = {
+            "lr": 1e-4,
+            "betas": (0.9, 0.97),
+            "weight_decay": 0.005,
+            "warmup_steps": 0,
+            "schedule": "constant",
+            "min_lr_ratio": 0.0,
+            **dict(optim or {}),
+        }
+        self.loss_cfg = {
+            "noise_strength": 0.3,
+            "noise_layers": 13,
+            "reweight_by_scale": True,
+            "label_smoothing": 0.0,
+            **dict(loss or {}),
+        }
+        if not 0.0 <= control_dropout < 1.0:
+            raise ValueError(f"control_dropout must be in [0, 1), got {control_dropout}")
+        self.control_dropout = control_dropout
+        self.conditions = list(conditions)
+        vae_cfg = dict(vae)
+        model_cfg = {**dict(model), **dict(vae_cfg.pop("model_overrides", {}) or {})}
+        self.model: InfinityPilot = build_pilot(
+            **model_cfg, conditioning_channels=3 * len(self.conditions), condition_names=self.conditions
+        )
+        self.model.checkpointing = activation_checkpointing
+        # Frozen helpers live outside the module tree: they are not trained and not checkpointed.
+        object.__setattr__(self, "_vae", build_tokenizer(**vae_cfg))
+        object.__setattr__(self, "_text", build_text_encoder(**dict(text)))
+        if self._text.dim != self.model.text_channels:
+            raise ValueError(
+                f"the text encoder gives {self._text.dim} channels, the model expects "
+                f"{self.model.text_channels}: set text.dim or choose another model"
+            )
+        self.codes = self.model.code_space(self._vae)
+        self.is_vq = not self.model.bitwise
+        self._base_fingerprint = base_fingerprint(self.model)
+        self._last_step_time: float | None = None
+        # Lightning checkpoints carry the CAR branch only: the base comes from model.base_weights.
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def vae(self) -> nn.Module:
+        """The frozen tokenizer, moved to this module's device on first use."""
+        if next(self._vae.parameters()).device != self.device:
+            self._vae.to(self.device)
+        return self._vae
+
+    @property
+    def text_encoder(self):
+        """The frozen text encoder, moved to this module's device on first use."""
+        if next(self._text.parameters()).device != self.device:
+            self._text.to(self.device)
+        return self._text
+
+    def schedule_for(self, batch: Mapping[str, Any]) -> list[tuple[int, int, int]]:
+        """The batch's scale schedule: its template's (BSQ) or VAR's patch numbers (VQ)."""
+        if self.is_vq:
+            return normalize_schedule([(1, p, p) for p in self._vae.patch_nums])
+        if batch.get("schedule") is None:
+            raise ValueError("the batch has no scale schedule: configure the data with a pn preset")
+        return normalize_schedule(batch["schedule"])
+
+    def compute_loss(self, batch: Mapping[str, Any], noise: bool, drop_control: bool) -> dict[str, Tensor]:
+        """Loss, accuracies and per-scale statistics for one batch."""
+        images, controls = batch["images"], batch["controls"]
+        b = images.shape[0]
+        valid = batch.get("valid", torch.ones(b, dtype=torch.bool)).to(self.device).float()
+        sched = self.schedule_for(batch) if not self.is_vq else normalize_schedule(var_schedule(images.shape[-1]))
+        with torch.no_grad():
+            text = self.text_encoder.encode(list(batch["captions"])).to(self.device)
+            feats = self.vae.encode_for_raw_features(images)
+            targets = self.codes.targets(
+                feats,
+                sched,
+                noise_strength=self.loss_cfg["noise_strength"] if noise and not self.is_vq else 0.0,
+                noise_layers=self.loss_cfg["noise_layers"] if noise and not self.is_vq else 0,
+            )
+            pyramid = build_control_pyramid(controls, sched, patch=self.model.control_patch)
+        keep = None
+        if drop_control and self.control_dropout > 0:
+            keep = torch.rand(b, device=self.device) >= self.control_dropout
+        logits = self.model(text, targets.x_BLC_wo_prefix, sched, control_tensors=pyramid, control_keep=keep)
+        per_token = self.codes.loss_per_token(logits, targets.labels, self.loss_cfg["label_smoothing"])
+        if self.loss_cfg["reweight_by_scale"]:
+            weights = scale_loss_weights(sched, device=self.device)
+        else:
+            weights = torch.full((per_token.shape[1],), 1.0 / per_token.shape[1], device=self.device)
+        per_sample = (per_token * weights).sum(dim=1)
+        loss = (per_sample * valid).sum() / valid.sum().clamp_min(1.0)
+        with torch.no_grad():
+            acc = self.codes.accuracy_per_token(logits.detach(), targets.labels)
+            mask = valid[:, None]
+            denom = valid.sum().clamp_min(1.0)
+            stats = {
+                "loss": loss,
+                "acc": (acc * mask).mean(1).sum() / denom,
+                "token_acc": ((acc == 1).float() * mask).mean(1).sum() / denom,
+            }
+            start = 0
+            for k, n in enumerate(scale_lengths(sched)):
+                stats[f"loss_s{k}"] = (per_token[:, start : start + n] * mask).mean(1).sum() / denom
+                stats[f"acc_s{k}"] = (acc[:, start : start + n] * mask).mean(1).sum() / denom
+                start += n
+            stats["tokens"] = torch.tensor(float(per_token.shape[1] * valid.sum()))
+        return stats
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        stats = self.compute_loss(batch, noise=True, drop_control=True)
+        b = batch["images"].shape[0]
+        self.log("train/loss", stats["loss"], prog_bar=True, batch_size=b)
+        self.log_dict({f"train/{k}": v for k, v in stats.items() if k not in ("loss", "tokens")}, batch_size=b)
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            dt = now - self._last_step_time
+            self.log_dict({"perf/images_per_s": b / dt, "perf/tokens_per_s": float(stats["tokens"]) / dt}, batch_size=b)
+        self._last_step_time = now
+        return stats["loss"]
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        stats = self.compute_loss(batch, noise=False, drop_control=False)
+        b = batch["images"].shape[0]
+        self.log_dict({f"val/{k}": v for k, v in stats.items() if k != "tokens"}, batch_size=b, sync_dist=True)
+
+    def configure_model(self) -> None:
+        """FSDP2: shard every base and CAR block, then the rest, over the data-parallel mesh."""
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp = mesh["data_parallel"]
+        for blk in [*self.model.block_list, *self.model.car_blocks]:
+            fully_shard(blk, mesh=dp)
+        fully_shard(self.model, mesh=dp)
+
+    def configure_optimizers(self):
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        names = {n for n, _ in named}
+        car = {n for n, _ in self.model.named_parameters() if is_car_key(n)}
+        if names != car:
+            raise RuntimeError(
+                f"the optimizer must hold exactly the car_*/control_* parameters; extra {sorted(names - car)[:5]}, "
+                f"missing {sorted(car - names)[:5]}"
+            )
+        decay = [p for n, p in named if p.ndim >= 2 and "norm" not in n]
+        no_decay = [p for n, p in named if p.ndim < 2 or "norm" in n]
+        cfg = self.optim_cfg
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg["lr"],
+            betas=tuple(cfg["betas"]),
+            fused=self.device.type == "cuda",
+        )
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 0
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(int(cfg["warmup_steps"]), total, cfg["schedule"], float(cfg["min_lr_ratio"]))
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the CAR branch; record the base's fingerprint so a resume can check it."""
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            for key in [k for k in state if not is_car_key(k.removeprefix("model."))]:
+                del state[key]
+        checkpoint["scenetxtvar"] = {
+            "base_fingerprint": self._base_fingerprint,
+            "car_config": self.model.car_config(),
+            "rng": capture_rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose CAR keys do not match, or that was trained on another base."""
+        state = checkpoint.get("state_dict", {})
+        expected = {f"model.{k}" for k in self.model.state_dict() if is_car_key(k)}
+        missing = sorted(expected - set(state))
+        if state and missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} CAR tensors, e.g. {missing[:5]}")
+        info = checkpoint.get("scenetxtvar", {})
+        saved = info.get("base_fingerprint")
+        if saved is not None and not torch.allclose(saved.double(), self._base_fingerprint, rtol=1e-9, atol=1e-6):
+            raise ValueError("this checkpoint was trained on different base weights than model.base_weights")
+        if "rng" in info:  # exact resume: noise, dropout and prompt drop continue the same random stream
+            restore_rng_state(info["rng"])

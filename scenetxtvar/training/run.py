@@ -1,0 +1,173 @@
+"""``run(cfg)``: compose the data, the module, the callbacks, the loggers and the Trainer, then fit."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .builders import KNOWN_CONDITIONS, require_file
+from .export import AtomicCheckpointIO, CarExportCallback, export_car
+from .module import PilotModule
+
+logger = logging.getLogger(__name__)
+
+
+def synthetic_datamodule(
+    cache_dir: str,
+    num_train: int,
+    num_val: int,
+    size: Any,
+    seed: int,
+    workers: int,
+    conditions: list[str],
+    min_words: int = 1,
+    max_words: int = 3,
+    **datamodule_kwargs: Any,
+):
+    """Generate the embedded synthetic shards on first use (cached), then stream them."""
+    from ..data.datamodule import SceneTextDataModule
+    from ..data.synthetic import generate_synthetic_shards
+
+    size_tag = "x".join(map(str, size)) if isinstance(size, (list, tuple)) else str(size)
+    tag = f"{size_tag}-w{min_words}-{max_words}-s{seed}-{'_'.join(conditions)}"
+    splits = {"train": (num_train, seed), "val": (num_val, seed + 10_000)}
+    dirs = {}
+    for split, (num, split_seed) in splits.items():
+        out = Path(cache_dir) / f"{split}-{num}-{tag}"
+        if not (out / "manifest.json").exists():
+            logger.info("generating %d synthetic %s samples into %s", num, split, out)
+            generate_synthetic_shards(
+                out,
+                num,
+                size=size,
+                seed=split_seed,
+                workers=workers,
+                conditions=conditions,
+                min_words=min_words,
+                max_words=max_words,
+                shard_size=max(8, num // 4),
+                overwrite=True,
+            )
+        dirs[split] = str(out)
+    return SceneTextDataModule(
+        train_shards=dirs["train"],
+        val_shards=dirs["val"] if num_val else None,
+        conditions=conditions,
+        seed=seed,
+        **datamodule_kwargs,
+    )
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Nonsense overrides fail here, before anything big is built or trained."""
+    names = list(cfg.condition.names)
+    unknown = [n for n in names if n not in KNOWN_CONDITIONS]
+    if unknown:
+        raise ValueError(
+            f"unknown condition(s) {unknown}: choose from {list(KNOWN_CONDITIONS)} "
+            "(or add the type to builders.KNOWN_CONDITIONS if your shards carry it)"
+        )
+    for key, what in (
+        ("model.base_weights", "Infinity base weights"),
+        ("model.car_weights", "CAR weights"),
+        ("vae.path", "tokenizer weights"),
+        ("text.path", "Flan-T5 directory"),
+    ):
+        value = OmegaConf.select(cfg, key)
+        if value:
+            require_file(value, key, what)
+    devices = cfg.trainer.get("devices", 1)
+    n_dev = devices if isinstance(devices, int) else (len(devices) if not isinstance(devices, str) else 1)
+    global_batch = cfg.get("global_batch_size")
+    if global_batch is not None:
+        world = n_dev * int(cfg.trainer.get("num_nodes", 1))
+        if global_batch % world:
+            raise ValueError(
+                f"global_batch_size={global_batch} is not divisible by the {world} devices "
+                "(trainer.devices x trainer.num_nodes)"
+            )
+    if cfg.vae.kind == "vq" and not cfg.schedule.get("image_size"):
+        raise ValueError("vae=vq predicts VAR's square patch-number schedule: use schedule=var256")
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
+    """Configured callbacks (Hydra targets) plus the CAR export, which every run needs."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not cfg.get("logger"):  # the LR monitor needs a logger
+        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+    callbacks.append(CarExportCallback(run_dir / "export"))
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    """wandb (offline unless configured), CSV, or nothing."""
+    loggers = []
+    for conf in (cfg.get("logger") or {}).values():
+        if conf is None:
+            continue
+        if "WandbLogger" in str(conf.get("_target_", "")):
+            os.environ.setdefault("WANDB_MODE", "offline" if conf.get("offline", True) else "online")
+            Path(conf.save_dir).mkdir(parents=True, exist_ok=True)
+        loggers.append(instantiate(conf))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list) -> L.Trainer:
+    """Lightning's Trainer with the configured strategy and atomic checkpoints."""
+    strategy_cfg = cfg.strategy
+    strategy = instantiate(strategy_cfg) if "_target_" in strategy_cfg else strategy_cfg.get("name", "auto")
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    precision = trainer_kwargs.pop("precision", "auto")
+    if precision == "auto":  # bf16 autocast on GPUs, full fp32 on CPU
+        precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    plugins = [AtomicCheckpointIO()] if isinstance(strategy, str) or "DDP" in type(strategy).__name__ else []
+    return L.Trainer(
+        default_root_dir=str(run_dir),
+        strategy=strategy,
+        precision=precision,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=plugins,
+        **trainer_kwargs,
+    )
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or resume) the CAR branch as ``cfg`` describes; returns final metrics and paths."""
+    validate_config(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("deterministic_algorithms"):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    datamodule = instantiate(cfg.data)
+    module = PilotModule(
+        model=OmegaConf.to_container(cfg.model.build, resolve=True),
+        vae=OmegaConf.to_container(cfg.vae.build, resolve=True),
+        text=OmegaConf.to_container(cfg.text, resolve=True),
+        conditions=list(cfg.condition.names),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        control_dropout=cfg.control_dropout,
+        activation_checkpointing=cfg.model.get("activation_checkpointing", False),
+    )
+    trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir), build_loggers(cfg, run_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    export_car(module.model, run_dir / "export", write=trainer.is_global_zero)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    result = {
+        "run_dir": str(run_dir),
+        "export_dir": str(run_dir / "export"),
+        "checkpoint_dir": str(run_dir / "checkpoints"),
+        "global_step": trainer.global_step,
+        "metrics": metrics,
+    }
+    logger.info("finished: %s", result)
+    return result

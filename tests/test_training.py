@@ -1,0 +1,178 @@
+"""The training application: config composition, a real tiny run, frozen base, resume, bad overrides."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from scenetxtvar.models.pilot import is_car_key
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic-cache")
+
+
+def make_cfg(run_dir: Path, cache: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                f"paths.run_dir={run_dir}",
+                f"paths.cache_dir={cache}",
+                "debug=fast",
+                "callbacks=minimal",
+                "logger=csv",
+                *overrides,
+            ],
+        )
+
+
+@pytest.mark.slow
+def test_every_model_vae_schedule_strategy_combination_composes():
+    models = [p.stem for p in (ROOT / "conf/model").glob("*.yaml")]
+    vaes = [p.stem for p in (ROOT / "conf/vae").glob("*.yaml")]
+    schedules = [p.stem for p in (ROOT / "conf/schedule").glob("*.yaml")]
+    strategies = [p.stem for p in (ROOT / "conf/strategy").glob("*.yaml")]
+    assert {"tiny", "layer16", "2b", "8b", "20b"} <= set(models) and {"bsq", "vq"} <= set(vaes)
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        for model, vae, schedule, strategy in itertools.product(models, vaes, schedules, strategies):
+            cfg = compose(
+                "train",
+                overrides=[
+                    f"model={model}",
+                    f"vae={vae}",
+                    f"schedule={schedule}",
+                    f"strategy={strategy}",
+                    "paths.run_dir=/tmp/x",
+                ],
+            )
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            assert resolved["model"]["build"]["preset"].startswith("infinity_pilot_")
+            assert resolved["vae"]["build"]["kind"] in ("bsq", "vq")
+            if model != "tiny":  # real models read their weights and use Flan-T5 on GPUs
+                assert resolved["model"]["build"]["base_weights"] and resolved["text"]["kind"] == "t5"
+                assert resolved["trainer"]["precision"] == "bf16-mixed"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cache_dir):
+    from scenetxtvar.training.run import run
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = make_cfg(run_dir, cache_dir, "trainer.max_steps=5", "callbacks.checkpoint.every_n_train_steps=5")
+    return cfg, run(cfg)
+
+
+def test_tiny_run_writes_lightning_checkpoints_and_a_car_export(tiny_run):
+    cfg, result = tiny_run
+    run_dir = Path(result["run_dir"])
+    assert result["global_step"] == 5
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 5 and ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+    assert set(ckpt["state_dict"]) and all(is_car_key(k.removeprefix("model.")) for k in ckpt["state_dict"])
+    assert "rng" in ckpt["scenetxtvar"] and ckpt["scenetxtvar"]["base_fingerprint"].numel() > 0
+    car = load_file(run_dir / "export" / "car_weights.safetensors")
+    assert car and all(is_car_key(k) for k in car)
+    assert (run_dir / "export" / "car_config.json").exists()
+    header, *rows = (run_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert "train/loss" in header.split(",") and "perf/tokens_per_s" in header.split(",") and rows
+
+
+def test_training_changes_only_the_car_branch(tiny_run, tmp_path):
+    from scenetxtvar.checkpoint import load_car_weights
+    from scenetxtvar.training.module import PilotModule
+
+    cfg, result = tiny_run
+
+    def fresh():
+        return PilotModule(
+            model=OmegaConf.to_container(cfg.model.build, resolve=True),
+            vae=OmegaConf.to_container(cfg.vae.build, resolve=True),
+            text=OmegaConf.to_container(cfg.text, resolve=True),
+            conditions=list(cfg.condition.names),
+        )
+
+    before, after = fresh(), fresh()
+    load_car_weights(after.model, Path(result["export_dir"]) / "car_weights.safetensors")
+    sd0, sd1 = before.model.state_dict(), after.model.state_dict()
+    frozen = [k for k in sd0 if not is_car_key(k)]
+    assert frozen and all(torch.equal(sd0[k], sd1[k]) for k in frozen)
+    assert any(not torch.equal(sd0[k], sd1[k]) for k in sd0 if is_car_key(k))
+    trainable = {n for n, p in after.model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in after.model.named_parameters() if is_car_key(n)}
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
+    from scenetxtvar.training.run import run
+
+    common = [
+        "data.epoch_samples=4",
+        "data.num_train=8",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        "control_dropout=0.5",
+        "trainer.check_val_every_n_epoch=100",
+    ]
+    full = run(make_cfg(tmp_path / "full", cache_dir, "trainer.max_steps=4", *common))
+    first = run(make_cfg(tmp_path / "part", cache_dir, "trainer.max_steps=2", *common))
+    resumed = run(
+        make_cfg(
+            tmp_path / "part",
+            cache_dir,
+            "trainer.max_steps=4",
+            *common,
+            f"ckpt_path={first['checkpoint_dir']}/last.ckpt",
+        )
+    )
+    assert resumed["global_step"] == full["global_step"] == 4
+    a = load_file(Path(full["export_dir"]) / "car_weights.safetensors")
+    b = load_file(Path(resumed["export_dir"]) / "car_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "override,error",
+    [
+        ("model.build.car_depth=3", "car_depth=3 must be between 1 and depth // 2 = 2"),
+        ("model.build.base_weights=/nowhere/infinity.pth", "model.build.base_weights|model.base_weights"),
+        ("condition.names=[glyph,sparkles]", "unknown condition"),
+        ("global_batch_size=3", "not divisible by the 2 devices"),
+    ],
+)
+def test_nonsense_overrides_fail_before_training(tmp_path, cache_dir, override, error):
+    from scenetxtvar.training.run import run
+
+    extra = ["trainer.devices=2", "trainer.accelerator=cpu"] if "global_batch" in override else []
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        run(make_cfg(tmp_path / "bad", cache_dir, override, *extra))
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_train_py_command_line(tmp_path):
+    """`python train.py hydra.run.dir=DIR trainer.max_steps=N` leaves both checkpoint kinds."""
+    cmd = [
+        sys.executable,
+        "train.py",
+        f"hydra.run.dir={tmp_path}/run",
+        f"paths.cache_dir={tmp_path}/cache",
+        "trainer.max_steps=3",
+        "debug=fast",
+        "callbacks=minimal",
+        "logger=csv",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "run" / "export" / "car_weights.safetensors").exists()
