@@ -35,9 +35,14 @@ lint: setup  ## ruff check + format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: setup  ## benchmark scripts -> benchmarks/results/*.json
+bench: setup  ## benchmark scripts -> benchmarks/results/*.json (takes a while on CPU)
 	@mkdir -p benchmarks/results
 	$(BIN)/python benchmarks/bench_infer.py --out benchmarks/results/bench_infer.json
+	$(BIN)/python benchmarks/bench_tokenizer.py --out benchmarks/results/bench_tokenizer.json
+	$(BIN)/python benchmarks/bench_pilot.py --out benchmarks/results/bench_pilot.json
+	$(BIN)/python benchmarks/bench_train.py --out benchmarks/results/bench_train.json
+	$(BIN)/python benchmarks/bench_data.py --out benchmarks/results/bench_data.json
+	$(BIN)/python benchmarks/bench_data_gen.py --out benchmarks/results/bench_data_gen.json
 
 clean:  ## remove caches and outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs
