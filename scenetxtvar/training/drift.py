@@ -418,9 +418,9 @@ def plot_drift_history(history: Mapping[int, Mapping[str, float]], log_y: bool =
     """The drift chart as a PIL image: relative drift per group, and absolute drift of zero-init groups."""
     font = _font()
     panels = [
-        (f"relative drift ||θ-θ0|| / ||θ0||{' (log10)' if log_y else ''}", _series(history, "drift/rel/")),
+        (f"relative drift ||w - w0|| / ||w0||{' (log10)' if log_y else ''}", _series(history, "drift/rel/")),
         (
-            f"absolute drift ||θ-θ0|| (zero-initialised groups){' (log10)' if log_y else ''}",
+            f"absolute drift ||w - w0|| (zero-initialised groups){' (log10)' if log_y else ''}",
             _series(history, "drift/abs/"),
         ),
     ]
