@@ -176,3 +176,31 @@ def test_train_py_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     assert (tmp_path / "run" / "export" / "car_weights.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_multirun_makes_two_runs_with_drift_metrics_in_offline_wandb_files(tmp_path):
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "optim.lr=1e-4,2e-4",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        f"paths.cache_dir={tmp_path}/cache",
+        "debug=fast",
+        "logger=wandb",
+        "callbacks.drift.every_n_steps=1",
+        "callbacks.panels.every_n_steps=100",
+        "trainer.max_steps=3",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in runs] == ["0", "1"]
+    for run in runs:
+        records = list(run.glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(records) == 1, list(run.rglob("*"))
+        data = records[0].read_bytes()  # wandb's binary record log: the metric keys are stored verbatim
+        for key in (b"drift/rel/total", b"drift/abs/car_skip_linear.0", b"frozen/max_abs_change", b"train/loss"):
+            assert key in data, key
+        assert (run / "export" / "car_weights.safetensors").exists()

@@ -139,6 +139,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
     )
 
 
+def _finish_wandb(trainer: L.Trainer) -> None:
+    """Close this run's wandb run, so the next job of a multirun gets its own."""
+    if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
+        import wandb
+
+        wandb.finish()
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train (or resume) the CAR branch as ``cfg`` describes; returns final metrics and paths."""
     validate_config(cfg)
@@ -161,6 +169,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir), build_loggers(cfg, run_dir))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     export_car(module.model, run_dir / "export", write=trainer.is_global_zero)
+    _finish_wandb(trainer)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     result = {
         "run_dir": str(run_dir),
