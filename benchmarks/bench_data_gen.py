@@ -8,11 +8,12 @@ writing, and worker start-up for workers > 0) into a temporary folder. Prints on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
 import time
+
+from report import emit  # benchmarks/report.py (scripts run from this folder)
 
 from scenetxtvar.data.synthetic import generate_synthetic_shards
 
@@ -58,11 +59,7 @@ def main() -> None:
         "note": "workers > 0 include process start-up (spawn); see the per-run sample counts",
         "results": results,
     }
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(doc, args.out)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import time
 from functools import partial
 
 import torch
+from report import emit  # benchmarks/report.py (scripts run from this folder)
 
 import scenetxtvar.models.registry  # noqa: F401
 from scenetxtvar.models.infinity import Infinity
@@ -84,11 +85,7 @@ def main() -> None:
         date=time.strftime("%Y-%m-%d"),
         results=results,
     )
-    text_out = json.dumps(report, indent=1)
-    print(text_out)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text_out)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

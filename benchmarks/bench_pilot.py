@@ -15,6 +15,7 @@ import resource
 import time
 
 import torch
+from report import emit  # benchmarks/report.py (scripts run from this folder)
 
 PRESETS = {"tiny": "infinity_pilot_tiny", "layer12": "infinity_pilot_layer12"}
 
@@ -144,11 +145,7 @@ def main() -> None:
         training=training,
         sampling=sampling,
     )
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

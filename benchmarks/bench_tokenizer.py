@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from report import emit  # benchmarks/report.py (scripts run from this folder)
 from torch import nn
 
 from scenetxtvar.bitwise import BitwiseCodes
@@ -125,11 +126,7 @@ def main() -> None:
         wall_s=round(time.perf_counter() - start, 1),
         results=results,
     )
-    text_out = json.dumps(report, indent=1)
-    print(text_out)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text_out)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import resource
 import time
 
 import torch
+from report import emit  # benchmarks/report.py (scripts run from this folder)
 
 MODELS = {
     "tiny": dict(model={"preset": "infinity_pilot_tiny", "car_depth": 2}, text={"kind": "tiny", "dim": 256}),
@@ -103,11 +104,7 @@ def main() -> None:
         date=time.strftime("%Y-%m-%d"),
         results=results,
     )
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

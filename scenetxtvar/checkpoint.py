@@ -11,9 +11,9 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor, nn
@@ -94,22 +94,14 @@ def _read_safetensors_dir(path: Path) -> StateDict:
     return sd
 
 
-def save_state_dict(
-    state_dict: Mapping[str, Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
-) -> Path:
-    """Write a state dict atomically (temp file, fsync, rename); safetensors for ``.safetensors``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file through ``write(fh)`` atomically: temp file in the same folder, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import save
-
-                fh.write(save(tensors, metadata=dict(metadata or {})))
-            else:
-                torch.save(tensors, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -117,6 +109,18 @@ def save_state_dict(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_state_dict(
+    state_dict: Mapping[str, Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write a state dict atomically; safetensors for ``.safetensors``, else ``torch.save``."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save
+
+        return atomic_write(path, lambda fh: fh.write(save(tensors, metadata=dict(metadata or {}))))
+    return atomic_write(path, lambda fh: torch.save(tensors, fh))
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,11 +412,20 @@ def save_separated_weights(model, directory: str | os.PathLike, also_pth: bool =
         save_state_dict(part, directory / f"{name}.safetensors")
         if also_pth:
             save_state_dict(part, directory / f"{name}.pth")
-    config = {**model.car_config(), "base": detect_infinity_config(base)}
-    tmp = directory / f".{CAR_CONFIG}.tmp"
-    tmp.write_text(json.dumps(config, indent=1))
-    os.replace(tmp, directory / CAR_CONFIG)
+    write_car_config(model, directory)
     return directory
+
+
+def write_car_config(model, directory: str | os.PathLike) -> Path:
+    """``car_config.json``: the branch settings and the base architecture, written atomically."""
+    from .models.pilot import is_car_key
+
+    base = {k: v for k, v in model.state_dict().items() if not is_car_key(k)}  # shapes only are read
+    path = Path(directory) / CAR_CONFIG
+    tmp = path.with_name(f".{CAR_CONFIG}.tmp")
+    tmp.write_text(json.dumps({**model.car_config(), "base": detect_infinity_config(base)}, indent=1))
+    os.replace(tmp, path)
+    return path
 
 
 def _weights_file(directory: Path, name: str) -> Path:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from ..checkpoint import CAR_CONFIG, CAR_WEIGHTS, detect_infinity_config, save_state_dict
+from ..checkpoint import CAR_WEIGHTS, atomic_write, save_state_dict, write_car_config
 from ..models.pilot import is_car_key
 
 logger = logging.getLogger(__name__)
@@ -38,11 +36,7 @@ def export_car(model, directory: str | os.PathLike, write: bool = True) -> Path 
         return None
     directory = Path(directory)
     save_state_dict(car, directory / f"{CAR_WEIGHTS}.safetensors")
-    base_shapes = {k: v for k, v in model.state_dict().items() if not is_car_key(k)}
-    config = {**model.car_config(), "base": detect_infinity_config({k: v for k, v in base_shapes.items()})}
-    tmp = directory / f".{CAR_CONFIG}.tmp"
-    tmp.write_text(json.dumps(config, indent=1))
-    os.replace(tmp, directory / CAR_CONFIG)
+    write_car_config(model, directory)
     return directory
 
 
@@ -68,18 +62,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, made atomic: temp file, fsync, rename."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda fh: torch.save(checkpoint, fh))
 
 
 class CarModelParallelStrategy(ModelParallelStrategy):
