@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from functools import partial
 
 import torch
+from report import emit  # benchmarks/report.py (scripts run from this folder)
 
 from scenetxtvar.inference import Layout, autocast_for, layout_control
 from scenetxtvar.models.pilot import build_control_pyramid
@@ -108,17 +108,10 @@ def main() -> None:
         schedule="256x256 (0.06M, 1:1), top_p 0.97, tau 1",
         device=str(device),
         precision=args.precision,
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
-        machine=platform.processor() or platform.machine(),
         tiny_vae_decode_s_per_image=round(decode / args.batch, 4),
         results=results,
     )
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit(report, args.out)  # adds the environment (torch, threads, machine, load average)
 
 
 if __name__ == "__main__":
