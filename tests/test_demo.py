@@ -13,18 +13,32 @@ from scenetxtvar.demo import main
 
 @pytest.mark.slow
 def test_demo_pipeline_end_to_end(tmp_path):
-    summary = main([
-        "--out", str(tmp_path), f"paths.cache_dir={tmp_path}/cache", "trainer.max_steps=4",
-        "trainer.val_check_interval=2", "data.num_train=16", "data.num_val=4", "data.val_samples=4",
-        "data.epoch_samples=8", "callbacks.checkpoint.every_n_train_steps=2", "callbacks.drift.every_n_steps=1",
-        "callbacks.drift.fusion_every_n_steps=2", "callbacks.panels.every_n_steps=2",
-    ])
+    summary = main(
+        [
+            "--out",
+            str(tmp_path),
+            f"paths.cache_dir={tmp_path}/cache",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "data.num_train=16",
+            "data.num_val=4",
+            "data.val_samples=4",
+            "data.epoch_samples=8",
+            "callbacks.checkpoint.every_n_train_steps=2",
+            "callbacks.drift.every_n_steps=1",
+            "callbacks.drift.fusion_every_n_steps=2",
+            "callbacks.panels.every_n_steps=2",
+        ]
+    )
     run_dir = Path(summary["run_dir"])
     assert summary["steps"] == 4
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert (Path(summary["car_export"]) / "car_weights.safetensors").exists()
-    pngs = [*Path(summary["samples (control | ground truth | with control | without control)"]).glob("*.png"),
-            *Path(summary["training_panels"]).glob("*.png"), Path(summary["drift_plot"])]
+    pngs = [
+        *Path(summary["samples (control | ground truth | with control | without control)"]).glob("*.png"),
+        *Path(summary["training_panels"]).glob("*.png"),
+        Path(summary["drift_plot"]),
+    ]
     assert len(pngs) >= 3
     for png in pngs:
         with Image.open(png) as im:
