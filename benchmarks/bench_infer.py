@@ -7,6 +7,7 @@ Prints one JSON document (and writes it with --out). Not a test: numbers depend 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import time
@@ -18,7 +19,7 @@ from report import emit  # benchmarks/report.py (scripts run from this folder)
 import scenetxtvar.models.registry  # noqa: F401
 from scenetxtvar.models.infinity import Infinity
 from scenetxtvar.models.registry import build_preset
-from scenetxtvar.scales import get_schedule
+from scenetxtvar.scales import get_schedule, sequence_length
 
 
 @torch.no_grad()
@@ -48,13 +49,14 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["infinity_tiny", "infinity_layer12"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--pns", nargs="+", default=["0.06M"], help="pixel presets (0.06M = 256x256, 0.25M = 512x512)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    schedule = get_schedule(1.0, "0.06M")
     results = []
-    for preset in args.presets:
+    for preset, pn in itertools.product(args.presets, args.pns):
+        schedule = get_schedule(1.0, pn)
         model = build_preset(preset, cond_drop_rate=0.0, drop_path_rate=0.0).to(args.device).eval()
         for batch in args.batches:
             lens = [12] * batch
@@ -67,6 +69,8 @@ def main() -> None:
             results.append(
                 dict(
                     preset=preset,
+                    pn=pn,
+                    tokens=sequence_length(schedule),
                     batch=batch,
                     s_per_image_cached=cached / batch,
                     s_per_image_recompute=baseline / batch,
@@ -76,7 +80,7 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     report = dict(
         benchmark="bench_infer",
-        schedule="256x256 (0.06M, 1:1), no CFG, greedy",
+        schedule="1:1 template, no CFG, greedy",
         device=args.device,
         torch=torch.__version__,
         threads=torch.get_num_threads(),
