@@ -79,7 +79,7 @@ def test_tiny_run_writes_lightning_checkpoints_and_a_car_export(tiny_run):
     cfg, result = tiny_run
     run_dir = Path(result["run_dir"])
     assert result["global_step"] == 5
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 5 and ckpt["optimizer_states"] and ckpt["lr_schedulers"]
     assert set(ckpt["state_dict"]) and all(is_car_key(k.removeprefix("model.")) for k in ckpt["state_dict"])
     assert "rng" in ckpt["scenetxtvar"] and ckpt["scenetxtvar"]["base_fingerprint"].numel() > 0

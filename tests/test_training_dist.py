@@ -99,7 +99,7 @@ def check_checkpoint(path: Path, strategy: str) -> None:
     """What Lightning wrote: one file (DDP) or a torch.distributed.checkpoint folder (FSDP2); CAR tensors only."""
     if strategy == "ddp":
         assert path.is_file()
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         keys = [k.removeprefix("model.") for k in ckpt["state_dict"]]
         assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
     else:
@@ -107,7 +107,7 @@ def check_checkpoint(path: Path, strategy: str) -> None:
 
         assert path.is_dir()
         assert {p.name for p in path.iterdir()} == {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"}
-        ckpt = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
         assert "state_dict" not in ckpt and "optimizer_states" not in ckpt and ckpt["lr_schedulers"]
         saved = list(FileSystemReader(path).read_metadata().state_dict_metadata)
         keys = [k.removeprefix("state_dict.model.") for k in saved if k.startswith("state_dict.")]

@@ -58,6 +58,24 @@ class CarExportCallback(L.Callback):
         self._export(trainer, pl_module)
 
 
+class StageExportCallback(L.Callback):
+    """Export a non-CAR stage's weights (``pl_module.export(directory, write)``) on checkpoints and at the end."""
+
+    def __init__(self, export_dir: str | os.PathLike) -> None:
+        self.export_dir = Path(export_dir)
+
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = pl_module.export(self.export_dir, write=trainer.is_global_zero)
+        if path is not None:
+            logger.info("exported %s (step %d)", path, trainer.global_step)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._export(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._export(trainer, pl_module)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, made atomic: temp file, fsync, rename."""
 
@@ -103,7 +121,11 @@ class CarModelParallelStrategy(ModelParallelStrategy):
             raise KeyError(f"the checkpoint {path} lacks {len(missing)} trainable tensors, e.g. {missing[:5]}")
         present = {k: v for k, v in get_model_state_dict(module).items() if k in saved}
         load({"state_dict": present}, checkpoint_id=path)
-        module.load_state_dict(present, strict=False)
+        # Partial by design: the frozen base is not in the checkpoint (it comes from model.build.base_weights);
+        # every trainable tensor was checked present above, and load_state_dict reports any unexpected key.
+        result = module.load_state_dict(present, strict=False)
+        if result.unexpected_keys:
+            raise KeyError(f"unexpected tensors in {path}: {result.unexpected_keys[:5]}")
         for idx, optimizer in enumerate(self.optimizers):  # as Lightning does: optimizer states separately
             key = f"optimizer_{idx}"
             optim_state = {key: get_optimizer_state_dict(module, optimizer)}
@@ -111,4 +133,5 @@ class CarModelParallelStrategy(ModelParallelStrategy):
             set_optimizer_state_dict(
                 module, optimizer, optim_state_dict=optim_state[key], options=StateDictOptions(cpu_offload=True)
             )
-        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        # Lightning's own metadata file (loops, epoch, ...): read it as Lightning does, safe by default.
+        return torch.load(path / _METADATA_FILENAME, weights_only=True if weights_only is None else weights_only)
