@@ -35,7 +35,7 @@ lint: setup  ## ruff check + format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: setup  ## benchmark scripts -> benchmarks/results/*.json (takes a while on CPU)
+bench: setup  ## benchmark scripts -> benchmarks/results/*.json + summary.md (takes a while on CPU)
 	@mkdir -p benchmarks/results
 	$(BIN)/python benchmarks/bench_infer.py --out benchmarks/results/bench_infer.json
 	$(BIN)/python benchmarks/bench_tokenizer.py --out benchmarks/results/bench_tokenizer.json
@@ -43,6 +43,8 @@ bench: setup  ## benchmark scripts -> benchmarks/results/*.json (takes a while o
 	$(BIN)/python benchmarks/bench_train.py --out benchmarks/results/bench_train.json
 	$(BIN)/python benchmarks/bench_data.py --out benchmarks/results/bench_data.json
 	$(BIN)/python benchmarks/bench_data_gen.py --out benchmarks/results/bench_data_gen.json
+	$(BIN)/python benchmarks/bench_sample.py --out benchmarks/results/bench_sample.json
+	$(BIN)/python benchmarks/summary.py
 
 clean:  ## remove caches and outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs
