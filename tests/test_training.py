@@ -204,3 +204,13 @@ def test_multirun_makes_two_runs_with_drift_metrics_in_offline_wandb_files(tmp_p
         for key in (b"drift/rel/total", b"drift/abs/car_skip_linear.0", b"frozen/max_abs_change", b"train/loss"):
             assert key in data, key
         assert (run / "export" / "car_weights.safetensors").exists()
+
+
+def test_slurm_launcher_and_sweep_configs_compose():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["launcher=slurm", "model=2b", "vae=bsq", "strategy=fsdp",
+                                          "paths.run_dir=/tmp/x"], return_hydra_config=True)
+        assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.trainer.devices == 8
+        sweep = compose("train", overrides=["hparams_search=basic", "paths.run_dir=/tmp/x"], return_hydra_config=True)
+        assert set(sweep.hydra.sweeper.params) == {"optim.lr", "model.build.car_depth", "model.build.fusion",
+                                                   "control_dropout"}
