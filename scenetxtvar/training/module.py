@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..bitwise import scale_loss_weights
 from ..models.pilot import InfinityPilot, build_control_pyramid, is_car_key
 from ..scales import normalize_schedule, scale_lengths, var_schedule
-from .builders import build_pilot, build_text_encoder, build_tokenizer
+from .builders import build_pilot, build_text_encoder, build_tokenizer, check_code_dim
 
 
 def base_fingerprint(model: nn.Module) -> Tensor:
@@ -85,6 +85,78 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_ratio: flo
     return fn
 
 
+def batch_schedule(
+    batch: Mapping[str, Any], fallback: Sequence[Sequence[int]] | None = None
+) -> list[tuple[int, int, int]]:
+    """The batch's template schedule, else the configured ``schedule.scales`` (custom schedules), else an error."""
+    if batch.get("schedule") is not None:
+        return normalize_schedule(batch["schedule"])
+    if fallback:
+        return normalize_schedule(fallback)
+    raise ValueError(
+        "the batch has no scale schedule: configure the data with a pn preset, or give the scales "
+        "explicitly (schedule.scales, e.g. schedule=demo64x128)"
+    )
+
+
+def encode_batch(
+    text_encoder: Any,
+    vae: nn.Module,
+    codes: Any,
+    batch: Mapping[str, Any],
+    sched: Sequence[Sequence[int]],
+    loss_cfg: Mapping[str, Any],
+    noise: bool,
+    device: torch.device,
+) -> tuple[Any, Any]:
+    """Frozen helpers: captions -> packed text; images -> per-scale targets (self-correction when ``noise``)."""
+    with torch.no_grad():
+        text = text_encoder.encode(list(batch["captions"])).to(device)
+        feats = vae.encode_for_raw_features(batch["images"])
+        targets = codes.targets(
+            feats,
+            sched,
+            noise_strength=loss_cfg["noise_strength"] if noise else 0.0,
+            noise_layers=loss_cfg["noise_layers"] if noise else 0,
+        )
+    return text, targets
+
+
+def scale_loss_stats(
+    codes: Any,
+    logits: Tensor,
+    labels: Tensor,
+    sched: Sequence[Sequence[int]],
+    valid: Tensor,
+    loss_cfg: Mapping[str, Any],
+) -> dict[str, Tensor]:
+    """Next-scale loss (per-scale reweighted, invalid samples ignored), accuracies and per-scale statistics."""
+    device = logits.device
+    per_token = codes.loss_per_token(logits, labels, loss_cfg["label_smoothing"])
+    if loss_cfg["reweight_by_scale"]:
+        weights = scale_loss_weights(sched, device=device)
+    else:
+        weights = torch.full((per_token.shape[1],), 1.0 / per_token.shape[1], device=device)
+    per_sample = (per_token * weights).sum(dim=1)
+    loss = (per_sample * valid).sum() / valid.sum().clamp_min(1.0)
+    with torch.no_grad():
+        acc = codes.accuracy_per_token(logits.detach(), labels)
+        mask = valid[:, None]
+        denom = valid.sum().clamp_min(1.0)
+        stats = {
+            "loss": loss,
+            "acc": (acc * mask).mean(1).sum() / denom,
+            "token_acc": ((acc == 1).float() * mask).mean(1).sum() / denom,
+        }
+        start = 0
+        for k, n in enumerate(scale_lengths(sched)):
+            stats[f"loss_s{k}"] = (per_token[:, start : start + n] * mask).mean(1).sum() / denom
+            stats[f"acc_s{k}"] = (acc[:, start : start + n] * mask).mean(1).sum() / denom
+            start += n
+        stats["tokens"] = torch.tensor(float(per_token.shape[1] * valid.sum()))
+    return stats
+
+
 class PilotModule(L.LightningModule):
     """Frozen Infinity + trainable CAR branch; the VAE and text encoder are frozen helpers, not weights."""
 
@@ -98,6 +170,7 @@ class PilotModule(L.LightningModule):
         loss: Mapping[str, Any] | None = None,
         control_dropout: float = 0.1,
         activation_checkpointing: bool = False,
+        schedule: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -121,6 +194,8 @@ class PilotModule(L.LightningModule):
             raise ValueError(f"control_dropout must be in [0, 1), got {control_dropout}")
         self.control_dropout = control_dropout
         self.conditions = list(conditions)
+        # Explicit scales (schedule.scales) for batches whose template carries none (custom image sizes).
+        self.schedule = normalize_schedule(schedule) if schedule else None
         vae_cfg = dict(vae)
         model_cfg = {**dict(model), **dict(vae_cfg.pop("model_overrides", {}) or {})}
         self.model: InfinityPilot = build_pilot(
@@ -135,6 +210,8 @@ class PilotModule(L.LightningModule):
                 f"the text encoder gives {self._text.dim} channels, the model expects "
                 f"{self.model.text_channels}: set text.dim or choose another model"
             )
+        if self.model.bitwise:
+            check_code_dim(self._vae, self.model.codebook_dim, vae_cfg.get("path"))
         self.codes = self.model.code_space(self._vae)
         self.is_vq = not self.model.bitwise
         self._base_fingerprint = base_fingerprint(self.model)
@@ -162,9 +239,7 @@ class PilotModule(L.LightningModule):
         """The batch's scale schedule: its template's (BSQ) or VAR's patch numbers (VQ)."""
         if self.is_vq:
             return normalize_schedule([(1, p, p) for p in self._vae.patch_nums])
-        if batch.get("schedule") is None:
-            raise ValueError("the batch has no scale schedule: configure the data with a pn preset")
-        return normalize_schedule(batch["schedule"])
+        return batch_schedule(batch, self.schedule)
 
     def compute_loss(self, batch: Mapping[str, Any], noise: bool, drop_control: bool) -> dict[str, Tensor]:
         """Loss, accuracies and per-scale statistics for one batch."""
@@ -172,43 +247,16 @@ class PilotModule(L.LightningModule):
         b = images.shape[0]
         valid = batch.get("valid", torch.ones(b, dtype=torch.bool)).to(self.device).float()
         sched = self.schedule_for(batch) if not self.is_vq else normalize_schedule(var_schedule(images.shape[-1]))
+        text, targets = encode_batch(
+            self.text_encoder, self.vae, self.codes, batch, sched, self.loss_cfg, noise and not self.is_vq, self.device
+        )
         with torch.no_grad():
-            text = self.text_encoder.encode(list(batch["captions"])).to(self.device)
-            feats = self.vae.encode_for_raw_features(images)
-            targets = self.codes.targets(
-                feats,
-                sched,
-                noise_strength=self.loss_cfg["noise_strength"] if noise and not self.is_vq else 0.0,
-                noise_layers=self.loss_cfg["noise_layers"] if noise and not self.is_vq else 0,
-            )
             pyramid = build_control_pyramid(controls, sched, patch=self.model.control_patch)
         keep = None
         if drop_control and self.control_dropout > 0:
             keep = torch.rand(b, device=self.device) >= self.control_dropout
         logits = self.model(text, targets.x_BLC_wo_prefix, sched, control_tensors=pyramid, control_keep=keep)
-        per_token = self.codes.loss_per_token(logits, targets.labels, self.loss_cfg["label_smoothing"])
-        if self.loss_cfg["reweight_by_scale"]:
-            weights = scale_loss_weights(sched, device=self.device)
-        else:
-            weights = torch.full((per_token.shape[1],), 1.0 / per_token.shape[1], device=self.device)
-        per_sample = (per_token * weights).sum(dim=1)
-        loss = (per_sample * valid).sum() / valid.sum().clamp_min(1.0)
-        with torch.no_grad():
-            acc = self.codes.accuracy_per_token(logits.detach(), targets.labels)
-            mask = valid[:, None]
-            denom = valid.sum().clamp_min(1.0)
-            stats = {
-                "loss": loss,
-                "acc": (acc * mask).mean(1).sum() / denom,
-                "token_acc": ((acc == 1).float() * mask).mean(1).sum() / denom,
-            }
-            start = 0
-            for k, n in enumerate(scale_lengths(sched)):
-                stats[f"loss_s{k}"] = (per_token[:, start : start + n] * mask).mean(1).sum() / denom
-                stats[f"acc_s{k}"] = (acc[:, start : start + n] * mask).mean(1).sum() / denom
-                start += n
-            stats["tokens"] = torch.tensor(float(per_token.shape[1] * valid.sum()))
-        return stats
+        return scale_loss_stats(self.codes, logits, targets.labels, sched, valid, self.loss_cfg)
 
     # ------------------------------------------------------------------ Lightning hooks
 

@@ -13,10 +13,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .builders import KNOWN_CONDITIONS, require_file
-from .export import AtomicCheckpointIO, CarExportCallback, export_car
+from .export import AtomicCheckpointIO, CarExportCallback, StageExportCallback, export_car
 from .module import PilotModule
 
 logger = logging.getLogger(__name__)
+
+# stage=car trains the control branch (the product's job); tokenizer and base train what it stands on.
+STAGES = ("car", "base", "tokenizer")
+# Callbacks that read an InfinityPilot; other stages leave them out.
+_PILOT_CALLBACKS = ("ParameterDriftCallback", "SamplePanelCallback")
 
 
 def synthetic_datamodule(
@@ -74,12 +79,23 @@ def validate_config(cfg: DictConfig) -> None:
             f"unknown condition(s) {unknown}: choose from {list(KNOWN_CONDITIONS)} "
             "(or add the type to builders.KNOWN_CONDITIONS if your shards carry it)"
         )
+    stage = cfg.get("stage", "car")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {list(STAGES)}, got {stage!r}")
+    # What each stage reads; the base stage writes the base weights and the tokenizer stage the tokenizer.
+    inputs = {
+        "car": ("model.build.base_weights", "model.build.car_weights", "vae.build.path", "text.path"),
+        "base": ("vae.build.path", "text.path"),
+        "tokenizer": (),
+    }[stage]
     for key, what in (
-        ("model.base_weights", "Infinity base weights"),
-        ("model.car_weights", "CAR weights"),
-        ("vae.path", "tokenizer weights"),
+        ("model.build.base_weights", "Infinity base weights"),
+        ("model.build.car_weights", "CAR weights"),
+        ("vae.build.path", "tokenizer weights"),
         ("text.path", "Flan-T5 directory"),
     ):
+        if key not in inputs:
+            continue
         value = OmegaConf.select(cfg, key)
         if value:
             require_file(value, key, what)
@@ -98,12 +114,62 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
-    """Configured callbacks (Hydra targets) plus the CAR export, which every run needs."""
+    """Configured callbacks (Hydra targets) plus the stage's export (CAR branch, base or tokenizer)."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not cfg.get("logger"):  # the LR monitor needs a logger
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
-    callbacks.append(CarExportCallback(run_dir / "export"))
+    if cfg.get("stage", "car") == "car":
+        callbacks.append(CarExportCallback(run_dir / "export"))
+    else:
+        callbacks = [c for c in callbacks if type(c).__name__ not in _PILOT_CALLBACKS]
+        callbacks.append(StageExportCallback(run_dir / "export"))
     return callbacks
+
+
+def _schedule_scales(cfg: DictConfig) -> list | None:
+    """``schedule.scales``: explicit scales for custom image sizes whose batches carry no schedule."""
+    scales = OmegaConf.select(cfg, "schedule.scales")
+    return OmegaConf.to_container(scales, resolve=True) if scales else None
+
+
+def build_module(cfg: DictConfig) -> L.LightningModule:
+    """The LightningModule of ``cfg.stage``."""
+    stage = cfg.get("stage", "car")
+    common = dict(
+        vae=OmegaConf.to_container(cfg.vae.build, resolve=True),
+        conditions=list(cfg.condition.names),
+        schedule=_schedule_scales(cfg),
+    )
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    if stage == "tokenizer":
+        from .tokenizer_stage import TokenizerModule
+
+        conf = OmegaConf.to_container(cfg.get("tokenizer_stage") or {}, resolve=True)
+        return TokenizerModule(**common, optim={**optim, **(conf.get("optim") or {})}, loss=conf.get("loss"))
+    model = OmegaConf.to_container(cfg.model.build, resolve=True)
+    text = OmegaConf.to_container(cfg.text, resolve=True)
+    loss = OmegaConf.to_container(cfg.loss, resolve=True)
+    if stage == "base":
+        from .base_stage import BaseModule
+
+        conf = OmegaConf.to_container(cfg.get("base_stage") or {}, resolve=True)
+        return BaseModule(
+            model=model,
+            text=text,
+            loss=loss,
+            optim={**optim, **(conf.get("optim") or {})},
+            activation_checkpointing=cfg.model.get("activation_checkpointing", False),
+            **common,
+        )
+    return PilotModule(
+        model=model,
+        text=text,
+        optim=optim,
+        loss=loss,
+        control_dropout=cfg.control_dropout,
+        activation_checkpointing=cfg.model.get("activation_checkpointing", False),
+        **common,
+    )
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -148,7 +214,7 @@ def _finish_wandb(trainer: L.Trainer) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train (or resume) the CAR branch as ``cfg`` describes; returns final metrics and paths."""
+    """Train (or resume) the stage ``cfg.stage`` describes (CAR branch by default); returns final metrics and paths."""
     validate_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,25 +222,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("deterministic_algorithms"):
         torch.use_deterministic_algorithms(True, warn_only=True)
     datamodule = instantiate(cfg.data)
-    module = PilotModule(
-        model=OmegaConf.to_container(cfg.model.build, resolve=True),
-        vae=OmegaConf.to_container(cfg.vae.build, resolve=True),
-        text=OmegaConf.to_container(cfg.text, resolve=True),
-        conditions=list(cfg.condition.names),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        loss=OmegaConf.to_container(cfg.loss, resolve=True),
-        control_dropout=cfg.control_dropout,
-        activation_checkpointing=cfg.model.get("activation_checkpointing", False),
-    )
+    module = build_module(cfg)
     trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir), build_loggers(cfg, run_dir))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    export_car(module.model, run_dir / "export", write=trainer.is_global_zero)
+    if isinstance(module, PilotModule):
+        export_car(module.model, run_dir / "export", write=trainer.is_global_zero)
+    else:
+        module.export(run_dir / "export", write=trainer.is_global_zero)
     _finish_wandb(trainer)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     result = {
         "run_dir": str(run_dir),
         "export_dir": str(run_dir / "export"),
         "checkpoint_dir": str(run_dir / "checkpoints"),
+        "stage": cfg.get("stage", "car"),
         "global_step": trainer.global_step,
         "metrics": metrics,
     }

@@ -1,0 +1,148 @@
+"""``BaseModule`` (``stage=base``): train Infinity itself, text-conditioned, over a frozen tokenizer.
+
+No CAR branch and nothing frozen but the tokenizer and the text encoder. The step is PilotModule's without
+the controls: the same targets with bitwise self-correction (:func:`~scenetxtvar.training.module.encode_batch`)
+and the same per-scale reweighted loss (:func:`~scenetxtvar.training.module.scale_loss_stats`). The
+architecture is the model config's (``model.build``: an ``infinity_pilot_*`` preset maps to its base,
+CAR-only settings are ignored; ``model.build.base_weights`` is where the *next* stage reads this stage's
+export, so it is not read here). The tokenizer is ``vae.build`` (``vae.build.path``: e.g. the tokenizer
+stage's ``export/tokenizer.safetensors``). The export ``base.safetensors`` is a plain Infinity state dict
+that :func:`~scenetxtvar.checkpoint.load_infinity` reads and ``stage=car`` takes as
+``model.build.base_weights``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import save_state_dict
+from ..models.infinity import Infinity
+from ..scales import normalize_schedule
+from .builders import build_infinity, build_text_encoder, build_tokenizer, check_code_dim
+from .module import batch_schedule, encode_batch, lr_lambda, scale_loss_stats
+
+BASE_EXPORT = "base.safetensors"
+
+
+class BaseModule(L.LightningModule):
+    """A trainable Infinity; the VAE and text encoder are frozen helpers, not weights."""
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        vae: Mapping[str, Any],
+        text: Mapping[str, Any],
+        conditions: Sequence[str] = ("glyph",),
+        optim: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
+        activation_checkpointing: bool = False,
+        schedule: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.optim_cfg = {
+            "lr": 1e-4,
+            "betas": (0.9, 0.97),
+            "weight_decay": 0.005,
+            "warmup_steps": 0,
+            "schedule": "constant",
+            "min_lr_ratio": 0.0,
+            **dict(optim or {}),
+        }
+        self.loss_cfg = {
+            "noise_strength": 0.3,
+            "noise_layers": 13,
+            "reweight_by_scale": True,
+            "label_smoothing": 0.0,
+            **dict(loss or {}),
+        }
+        vae_cfg = dict(vae)
+        model_cfg = {**dict(model), **dict(vae_cfg.pop("model_overrides", {}) or {})}
+        self.model: Infinity = build_infinity(**model_cfg)
+        if not self.model.bitwise:
+            raise ValueError("stage=base trains a bitwise (BSQ) Infinity; index heads (vae=vq) are not supported")
+        self.model.checkpointing = activation_checkpointing
+        object.__setattr__(self, "_vae", build_tokenizer(**vae_cfg))
+        object.__setattr__(self, "_text", build_text_encoder(**dict(text)))
+        check_code_dim(self._vae, self.model.codebook_dim, vae_cfg.get("path"))
+        if self._text.dim != self.model.text_channels:
+            raise ValueError(
+                f"the text encoder gives {self._text.dim} channels, the model expects "
+                f"{self.model.text_channels}: set text.dim or choose another model"
+            )
+        self.codes = self.model.code_space(self._vae)
+        self.schedule = normalize_schedule(schedule) if schedule else None
+        self._last_step_time: float | None = None
+
+    @property
+    def vae(self) -> nn.Module:
+        """The frozen tokenizer, moved to this module's device on first use."""
+        if next(self._vae.parameters()).device != self.device:
+            self._vae.to(self.device)
+        return self._vae
+
+    @property
+    def text_encoder(self):
+        """The frozen text encoder, moved to this module's device on first use."""
+        if next(self._text.parameters()).device != self.device:
+            self._text.to(self.device)
+        return self._text
+
+    def compute_loss(self, batch: Mapping[str, Any], noise: bool) -> dict[str, Tensor]:
+        """Loss, accuracies and per-scale statistics for one batch (text-conditioned, no control)."""
+        b = batch["images"].shape[0]
+        valid = batch.get("valid", torch.ones(b, dtype=torch.bool)).to(self.device).float()
+        sched = batch_schedule(batch, self.schedule)
+        text, targets = encode_batch(
+            self.text_encoder, self.vae, self.codes, batch, sched, self.loss_cfg, noise, self.device
+        )
+        logits = self.model(text, targets.x_BLC_wo_prefix, sched)
+        return scale_loss_stats(self.codes, logits, targets.labels, sched, valid, self.loss_cfg)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        stats = self.compute_loss(batch, noise=True)
+        b = batch["images"].shape[0]
+        self.log("train/loss", stats["loss"], prog_bar=True, batch_size=b)
+        self.log_dict({f"train/{k}": v for k, v in stats.items() if k not in ("loss", "tokens")}, batch_size=b)
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            dt = now - self._last_step_time
+            self.log_dict({"perf/images_per_s": b / dt, "perf/tokens_per_s": float(stats["tokens"]) / dt}, batch_size=b)
+        self._last_step_time = now
+        return stats["loss"]
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        stats = self.compute_loss(batch, noise=False)
+        b = batch["images"].shape[0]
+        self.log_dict({f"val/{k}": v for k, v in stats.items() if k != "tokens"}, batch_size=b, sync_dist=True)
+
+    def configure_optimizers(self):
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in named if p.ndim >= 2 and "norm" not in n]
+        no_decay = [p for n, p in named if p.ndim < 2 or "norm" in n]
+        cfg = self.optim_cfg
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg["lr"],
+            betas=tuple(cfg["betas"]),
+            fused=self.device.type == "cuda",
+        )
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 0
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(int(cfg["warmup_steps"]), total, cfg["schedule"], float(cfg["min_lr_ratio"]))
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export(self, directory: str | os.PathLike, write: bool = True) -> Path | None:
+        """Write ``base.safetensors``: the whole Infinity state dict (``load_infinity`` reads it)."""
+        if not write:
+            return None
+        return save_state_dict(self.model.state_dict(), Path(directory) / BASE_EXPORT)

@@ -1,0 +1,189 @@
+"""``TokenizerModule`` (``stage=tokenizer``): train the BSQ-VAE itself on the synthetic shards.
+
+The model is the same :class:`~scenetxtvar.tokenizers.BSQVAE` class that loads official weights, built
+from ``vae.build`` (small width, patch 8 or 16). One step:
+
+- encode -> raw features (B, dq, h, w);
+- quantise with the *multi-scale* residual BSQ of the transformer's schedule (``schedule.scales`` or the
+  batch's template schedule; a single scale, the latent grid, when neither is known), with a
+  straight-through gradient. Chosen over single-scale BSQ so that the decoder learns to decode exactly the
+  summed codes the next-scale transformer will later produce;
+- decode the summed codes (unclamped, so the gradient survives) and score
+  ``l1 + glyph_weight * l1 on glyph pixels + commit_weight * commitment``, where the glyph mask is
+  ``controls > 0`` over the glyph condition's channels (text strokes would otherwise be a few percent of
+  the pixels and wash out) and the commitment is the mean squared distance between the normalised
+  per-scale features and their codes (BSQ's commitment term).
+
+AdamW with linear warm-up + cosine decay (``tokenizer_stage.optim``). The export is
+``tokenizer.safetensors`` + ``tokenizer_config.json``; :func:`~scenetxtvar.tokenizers.load_bsq_vae` reads the
+safetensors file (its architecture is detected from the keys; the json is for people).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..bitwise import area_resize, bsq_quantize, trilinear_resize
+from ..checkpoint import atomic_write, save_state_dict
+from ..scales import normalize_schedule
+from ..tokenizers import BSQVAE, BSQVAEConfig
+from .module import lr_lambda
+
+TOKENIZER_WEIGHTS = "tokenizer.safetensors"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# vae.build entries that are not BSQVAEConfig fields.
+_NOT_ARCH = ("kind", "path", "seed", "model_overrides")
+
+
+def multiscale_bsq(features: Tensor, grids: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """Residual multi-scale BSQ with straight-through -> (summed codes (B, dq, H, W), commitment loss).
+
+    The same math as :class:`~scenetxtvar.tokenizers.bsq.MultiScaleBSQ` (area-down the residual, quantise,
+    trilinear-up, subtract detached), plus the per-scale commitment ``mean((normalise(x) - codes)^2)``.
+    """
+    full = tuple(features.shape[-2:])
+    residual, summed = features, torch.zeros_like(features)
+    commit = features.new_zeros(())
+    for hw in grids:
+        x = area_resize(residual, hw)
+        codes, _ = bsq_quantize(x, straight_through=True)
+        commit = commit + F.mse_loss(F.normalize(x.float(), dim=1), codes.detach())
+        if tuple(hw) != full:
+            codes = trilinear_resize(codes, full)
+        residual = residual - codes.detach()
+        summed = summed + codes
+    return summed, commit / len(grids)
+
+
+class TokenizerModule(L.LightningModule):
+    """Trains a BSQ-VAE: reconstruction L1, a glyph-weighted L1 and the BSQ commitment term."""
+
+    def __init__(
+        self,
+        vae: Mapping[str, Any],
+        conditions: Sequence[str] = ("glyph",),
+        optim: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
+        schedule: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        vae_cfg = dict(vae)
+        if vae_cfg.get("kind", "bsq") != "bsq":
+            kind = vae_cfg.get("kind")
+            raise ValueError(f"stage=tokenizer trains the BSQ-VAE: use a bsq config (vae=bsq_demo), got kind {kind!r}")
+        arch = {k: tuple(v) if isinstance(v, list) else v for k, v in vae_cfg.items() if k not in _NOT_ARCH}
+        with torch.random.fork_rng():
+            torch.manual_seed(int(vae_cfg.get("seed", 0)))
+            self.vae = BSQVAE(BSQVAEConfig(**arch))
+        self.optim_cfg = {
+            "lr": 1e-3,
+            "betas": (0.9, 0.99),
+            "weight_decay": 0.0,
+            "warmup_steps": 0,
+            "schedule": "cosine",
+            "min_lr_ratio": 0.1,
+            **dict(optim or {}),
+        }
+        self.loss_cfg = {"glyph_weight": 1.0, "commit_weight": 0.25, **dict(loss or {})}
+        self.conditions = list(conditions)
+        if self.loss_cfg["glyph_weight"] > 0 and "glyph" not in self.conditions:
+            raise ValueError(
+                f"tokenizer_stage.loss.glyph_weight > 0 needs the glyph condition, got conditions {self.conditions}: "
+                "use condition=glyph or set tokenizer_stage.loss.glyph_weight=0"
+            )
+        self.schedule = normalize_schedule(schedule) if schedule else None
+
+    def grids_for(self, batch: Mapping[str, Any], latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
+        """Latent grids of the schedule (configured, else the batch's), or the latent grid alone."""
+        sched = self.schedule or (normalize_schedule(batch["schedule"]) if batch.get("schedule") else None)
+        if sched is None:
+            return [latent_hw]
+        grids = [(h, w) for _, h, w in sched]
+        if grids[-1] != tuple(latent_hw):
+            raise ValueError(
+                f"the schedule's last scale {grids[-1]} does not match the tokenizer's latent grid {tuple(latent_hw)} "
+                f"(image {tuple(batch['images'].shape[-2:])}, patch {self.vae.patch_size})"
+            )
+        return grids
+
+    def glyph_mask(self, controls: Tensor) -> Tensor:
+        """(B, 1, H, W) float: 1 where any channel of the glyph condition is > 0 (text strokes)."""
+        i = self.conditions.index("glyph")
+        return (controls[:, 3 * i : 3 * i + 3] > 0).any(dim=1, keepdim=True).float()
+
+    def compute_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Reconstruction, glyph and commitment terms for one batch."""
+        images = batch["images"]
+        b = images.shape[0]
+        valid = batch.get("valid", torch.ones(b, dtype=torch.bool)).to(self.device).float()
+        feats = self.vae.encode_for_raw_features(images)
+        summed, commit = multiscale_bsq(feats, self.grids_for(batch, tuple(feats.shape[-2:])))
+        recon = self.vae.decoder(summed)
+        err = (recon - images).abs().mean(dim=1, keepdim=True)  # (B, 1, H, W)
+        denom = valid.sum().clamp_min(1.0)
+        l1 = (err.flatten(1).mean(1) * valid).sum() / denom
+        stats = {"l1": l1, "commit": commit}
+        loss = l1 + self.loss_cfg["commit_weight"] * commit
+        if "glyph" in self.conditions:
+            mask = self.glyph_mask(batch["controls"]) * valid[:, None, None, None]
+            glyph_l1 = (err * mask).sum() / mask.sum().clamp_min(1.0)
+            stats["glyph_l1"] = glyph_l1
+            loss = loss + self.loss_cfg["glyph_weight"] * glyph_l1
+        stats["loss"] = loss
+        return stats
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        stats = self.compute_loss(batch)
+        b = batch["images"].shape[0]
+        self.log("train/loss", stats["loss"], prog_bar=True, batch_size=b)
+        self.log_dict({f"train/{k}": v for k, v in stats.items() if k != "loss"}, batch_size=b)
+        return stats["loss"]
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        stats = self.compute_loss(batch)
+        self.log_dict({f"val/{k}": v for k, v in stats.items()}, batch_size=batch["images"].shape[0], sync_dist=True)
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        named = list(self.vae.named_parameters())
+        decay = [p for n, p in named if p.ndim >= 2]
+        no_decay = [p for n, p in named if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg["lr"],
+            betas=tuple(cfg["betas"]),
+        )
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 0
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(int(cfg["warmup_steps"]), total, cfg["schedule"], float(cfg["min_lr_ratio"]))
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export(self, directory: str | os.PathLike, write: bool = True) -> Path | None:
+        """Write ``tokenizer.safetensors`` (read by ``load_bsq_vae``) and ``tokenizer_config.json``."""
+        if not write:
+            return None
+        return export_tokenizer(self.vae, directory)
+
+
+def export_tokenizer(vae: BSQVAE, directory: str | os.PathLike) -> Path:
+    """``tokenizer.safetensors`` + ``tokenizer_config.json``, written atomically; returns the weights path."""
+    directory = Path(directory)
+    # `quantize` aliases `quantizer` (same mask tensor): safetensors refuses shared tensors, and
+    # load_bsq_vae regenerates the alias's mask.
+    state = {k: v for k, v in vae.state_dict().items() if not k.startswith("quantize.")}
+    path = save_state_dict(state, directory / TOKENIZER_WEIGHTS)
+    config = json.dumps({"kind": "bsq", **dataclasses.asdict(vae.config)}, indent=1)
+    atomic_write(directory / TOKENIZER_CONFIG, lambda fh: fh.write(config.encode()))
+    return path

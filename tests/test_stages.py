@@ -1,0 +1,160 @@
+"""The three training stages through run(cfg): tokenizer -> base -> car via the public loaders, and wrong inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+# The demo's 64x128 / patch-8 / 5-scale setup at a few steps, single words.
+DEMO = [
+    "model=demo",
+    "vae=bsq_demo",
+    "schedule=demo64x128",
+    "data.size=64x128",
+    "data.min_words=1",
+    "data.max_words=1",
+    "trainer.max_steps=2",
+    "callbacks.checkpoint.every_n_train_steps=2",
+]
+
+
+def make_cfg(run_dir: Path, cache: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                f"paths.run_dir={run_dir}",
+                f"paths.cache_dir={cache}",
+                "debug=fast",
+                "callbacks=minimal",
+                "logger=csv",
+                *DEMO,
+                *overrides,
+            ],
+        )
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic-cache")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(tmp_path_factory, cache_dir):
+    from scenetxtvar.training.run import run
+
+    return run(make_cfg(tmp_path_factory.mktemp("tok"), cache_dir, "stage=tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, cache_dir, tokenizer_run):
+    from scenetxtvar.training.run import run
+
+    tok = Path(tokenizer_run["export_dir"]) / "tokenizer.safetensors"
+    return run(make_cfg(tmp_path_factory.mktemp("base"), cache_dir, "stage=base", f"vae.build.path={tok}"))
+
+
+def test_tokenizer_stage_trains_and_exports_what_load_bsq_vae_reads(tokenizer_run):
+    from scenetxtvar.tokenizers import load_bsq_vae
+
+    assert tokenizer_run["stage"] == "tokenizer" and tokenizer_run["global_step"] == 2
+    export = Path(tokenizer_run["export_dir"])
+    vae = load_bsq_vae(export / "tokenizer.safetensors")
+    config = json.loads((export / "tokenizer_config.json").read_text())
+    assert (vae.patch_size, vae.code_dim, vae.config.base_ch) == (8, 16, 32)
+    assert (config["patch_size"], config["codebook_dim"], config["base_ch"]) == (8, 16, 32)
+    assert list(vae.config.ch_mult) == config["ch_mult"] == [1, 1, 1, 1]
+    # Trained: the weights differ from the seeded random tokenizer of the same config.
+    from scenetxtvar.training.builders import build_tokenizer
+
+    arch = dict(base_ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1, patch_size=8, codebook_dim=16)
+    random = build_tokenizer(kind="bsq", seed=0, **arch)
+    trained, init = vae.state_dict(), random.state_dict()
+    assert any(not torch.equal(trained[k], init[k]) for k in init if init[k].is_floating_point())
+    header, *rows = (Path(tokenizer_run["run_dir"]) / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert {"train/loss", "train/l1", "train/glyph_l1", "train/commit"} <= set(header.split(",")) and rows
+    with torch.no_grad():  # it tokenizes a 64x128 image over the demo schedule
+        z, bits = vae.encode(torch.zeros(1, 3, 64, 128), [(1, 1), (1, 2), (2, 4), (4, 8), (8, 16)])
+    assert z.shape == (1, 16, 8, 16) and bits[-1].shape == (1, 1, 8, 16, 16)
+
+
+def test_base_stage_trains_infinity_and_exports_what_load_infinity_reads(base_run):
+    from scenetxtvar.checkpoint import load_infinity
+    from scenetxtvar.models.pilot import is_car_key
+
+    assert base_run["stage"] == "base" and base_run["global_step"] == 2
+    path = Path(base_run["export_dir"]) / "base.safetensors"
+    sd = load_file(path)
+    assert sd and not any(is_car_key(k) for k in sd)
+    model = load_infinity(path)
+    assert (model.depth, model.C, model.codebook_dim, model.text_channels) == (4, 128, 16, 256)
+    assert 1.0e6 < sum(p.numel() for p in model.parameters()) < 1.3e6
+    ckpt = torch.load(Path(base_run["checkpoint_dir"]) / "last.ckpt", map_location="cpu", weights_only=True)
+    assert all(torch.equal(ckpt["state_dict"][f"model.{k}"], v) for k, v in sd.items())
+
+
+def test_car_stage_runs_on_the_trained_base_and_tokenizer(tmp_path, cache_dir, tokenizer_run, base_run):
+    from scenetxtvar.checkpoint import load_car_weights
+    from scenetxtvar.training.builders import build_pilot
+
+    tok = Path(tokenizer_run["export_dir"]) / "tokenizer.safetensors"
+    base = Path(base_run["export_dir"]) / "base.safetensors"
+    from scenetxtvar.training.run import run
+
+    result = run(make_cfg(tmp_path, cache_dir, f"vae.build.path={tok}", f"model.build.base_weights={base}"))
+    assert result["stage"] == "car" and result["global_step"] == 2
+    pilot = build_pilot("infinity_pilot_tiny", base_weights=str(base), car_depth=2, control_channels=[16, 32, 64, 128])
+    assert pilot.control_patch == 8
+    load_car_weights(pilot, Path(result["export_dir"]) / "car_weights.safetensors")
+    # The base inside the pilot is the base stage's export, untouched by the CAR stage.
+    base_sd = load_file(base)
+    assert all(torch.equal(pilot.state_dict()[k], v) for k, v in base_sd.items())
+
+
+def _bad_tokenizer(path: Path) -> Path:
+    from scenetxtvar.tokenizers import BSQVAE, BSQVAEConfig
+    from scenetxtvar.training.tokenizer_stage import export_tokenizer
+
+    vae = BSQVAE(BSQVAEConfig(base_ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, patch_size=8, codebook_dim=8))
+    return export_tokenizer(vae, path)
+
+
+@pytest.mark.parametrize(
+    "overrides,error",
+    [
+        (["model.build.base_weights=/nowhere/base.safetensors"], "model.build.base_weights"),
+        (["stage=base", "vae.build.path=/nowhere/tokenizer.safetensors"], "vae.build.path"),
+        (["stage=car", "vae.build.path=/nowhere/tokenizer.safetensors"], "vae.build.path"),
+        (["stage=base", "vae.build.path=BAD"], "has codebook_dim=8, but vae.build sets codebook_dim=16"),
+        (["vae.build.path=BAD"], "has codebook_dim=8, but vae.build sets codebook_dim=16"),
+        (["stage=base", "vae.build.path=BAD", "~vae.build.codebook_dim"], "codebook_dim=8, the transformer expects 16"),
+        (["vae.build.path=BAD", "~vae.build.codebook_dim"], "codebook_dim=8, the transformer expects 16"),
+        (["stage=sideways"], "stage must be one of"),
+    ],
+)
+def test_a_stage_on_the_wrong_input_fails_before_training(tmp_path, cache_dir, overrides, error):
+    from scenetxtvar.training.run import run
+
+    if any(o.endswith("=BAD") for o in overrides):
+        bad = _bad_tokenizer(tmp_path)
+        overrides = [o.replace("BAD", str(bad)) for o in overrides]
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        run(make_cfg(tmp_path / "run", cache_dir, *overrides))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_custom_schedule_is_used_when_the_batch_has_none():
+    from scenetxtvar.training.module import batch_schedule
+
+    scales = [[1, 1], [1, 2], [2, 4], [4, 8], [8, 16]]
+    assert batch_schedule({"schedule": None}, scales)[-1] == (1, 8, 16)
+    assert batch_schedule({"schedule": [(1, 1, 1), (1, 2, 2)]}, scales) == [(1, 1, 1), (1, 2, 2)]
+    with pytest.raises(ValueError, match="schedule.scales"):
+        batch_schedule({"schedule": None})
