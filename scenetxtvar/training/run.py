@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,10 @@ def _finish_wandb(trainer: L.Trainer) -> None:
         import wandb
 
         wandb.finish()
+
+
+# The frozen base is in eval mode on purpose (no drop-path noise in a frozen network); Lightning warns.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
