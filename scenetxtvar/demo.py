@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))  # the demo's report to the person who ran it
+    logger.info("demo finished; everything it made:\n%s", json.dumps(summary, indent=1))
     return summary
 
 

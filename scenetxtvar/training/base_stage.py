@@ -27,7 +27,7 @@ from ..checkpoint import save_state_dict
 from ..models.infinity import Infinity
 from ..scales import normalize_schedule
 from .builders import build_infinity, build_text_encoder, build_tokenizer, check_code_dim
-from .module import batch_schedule, encode_batch, lr_lambda, scale_loss_stats
+from .module import DEFAULT_LOSS, DEFAULT_OPTIM, adamw_with_schedule, batch_schedule, encode_batch, scale_loss_stats
 
 BASE_EXPORT = "base.safetensors"
 
@@ -48,22 +48,8 @@ class BaseModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.optim_cfg = {
-            "lr": 1e-4,
-            "betas": (0.9, 0.97),
-            "weight_decay": 0.005,
-            "warmup_steps": 0,
-            "schedule": "constant",
-            "min_lr_ratio": 0.0,
-            **dict(optim or {}),
-        }
-        self.loss_cfg = {
-            "noise_strength": 0.3,
-            "noise_layers": 13,
-            "reweight_by_scale": True,
-            "label_smoothing": 0.0,
-            **dict(loss or {}),
-        }
+        self.optim_cfg = {**DEFAULT_OPTIM, **dict(optim or {})}
+        self.loss_cfg = {**DEFAULT_LOSS, **dict(loss or {})}
         vae_cfg = dict(vae)
         model_cfg = {**dict(model), **dict(vae_cfg.pop("model_overrides", {}) or {})}
         self.model: Infinity = build_infinity(**model_cfg)
@@ -126,20 +112,7 @@ class BaseModule(L.LightningModule):
 
     def configure_optimizers(self):
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        decay = [p for n, p in named if p.ndim >= 2 and "norm" not in n]
-        no_decay = [p for n, p in named if p.ndim < 2 or "norm" in n]
-        cfg = self.optim_cfg
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg["lr"],
-            betas=tuple(cfg["betas"]),
-            fused=self.device.type == "cuda",
-        )
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 0
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(int(cfg["warmup_steps"]), total, cfg["schedule"], float(cfg["min_lr_ratio"]))
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(named, self.optim_cfg, self.trainer, self.device)
 
     def export(self, directory: str | os.PathLike, write: bool = True) -> Path | None:
         """Write ``base.safetensors``: the whole Infinity state dict (``load_infinity`` reads it)."""

@@ -157,6 +157,45 @@ def scale_loss_stats(
     return stats
 
 
+DEFAULT_OPTIM: dict[str, Any] = {
+    "lr": 1e-4,
+    "betas": (0.9, 0.97),
+    "weight_decay": 0.005,
+    "warmup_steps": 0,
+    "schedule": "constant",
+    "min_lr_ratio": 0.0,
+}
+DEFAULT_LOSS: dict[str, Any] = {
+    "noise_strength": 0.3,
+    "noise_layers": 13,
+    "reweight_by_scale": True,
+    "label_smoothing": 0.0,
+}
+
+
+def adamw_with_schedule(
+    named: Sequence[tuple[str, nn.Parameter]],
+    cfg: Mapping[str, Any],
+    trainer,
+    device: torch.device,
+    no_decay=lambda name, p: p.ndim < 2 or "norm" in name,
+) -> dict:
+    """AdamW (no weight decay on 1-D parameters and norms) + per-step warm-up/cosine LR, for Lightning."""
+    decay = [p for n, p in named if not no_decay(n, p)]
+    keep = [p for n, p in named if no_decay(n, p)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": keep, "weight_decay": 0.0}],
+        lr=cfg["lr"],
+        betas=tuple(cfg["betas"]),
+        fused=device.type == "cuda",
+    )
+    total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(int(cfg["warmup_steps"]), total, cfg["schedule"], float(cfg["min_lr_ratio"]))
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class PilotModule(L.LightningModule):
     """Frozen Infinity + trainable CAR branch; the VAE and text encoder are frozen helpers, not weights."""
 
@@ -174,22 +213,8 @@ class PilotModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.optim_cfg = {
-            "lr": 1e-4,
-            "betas": (0.9, 0.97),
-            "weight_decay": 0.005,
-            "warmup_steps": 0,
-            "schedule": "constant",
-            "min_lr_ratio": 0.0,
-            **dict(optim or {}),
-        }
-        self.loss_cfg = {
-            "noise_strength": 0.3,
-            "noise_layers": 13,
-            "reweight_by_scale": True,
-            "label_smoothing": 0.0,
-            **dict(loss or {}),
-        }
+        self.optim_cfg = {**DEFAULT_OPTIM, **dict(optim or {})}
+        self.loss_cfg = {**DEFAULT_LOSS, **dict(loss or {})}
         if not 0.0 <= control_dropout < 1.0:
             raise ValueError(f"control_dropout must be in [0, 1), got {control_dropout}")
         self.control_dropout = control_dropout
@@ -298,20 +323,7 @@ class PilotModule(L.LightningModule):
                 f"the optimizer must hold exactly the car_*/control_* parameters; extra {sorted(names - car)[:5]}, "
                 f"missing {sorted(car - names)[:5]}"
             )
-        decay = [p for n, p in named if p.ndim >= 2 and "norm" not in n]
-        no_decay = [p for n, p in named if p.ndim < 2 or "norm" in n]
-        cfg = self.optim_cfg
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg["lr"],
-            betas=tuple(cfg["betas"]),
-            fused=self.device.type == "cuda",
-        )
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 0
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(int(cfg["warmup_steps"]), total, cfg["schedule"], float(cfg["min_lr_ratio"]))
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(named, self.optim_cfg, self.trainer, self.device)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the CAR branch; record the base's fingerprint so a resume can check it."""

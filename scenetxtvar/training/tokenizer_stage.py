@@ -37,7 +37,7 @@ from ..bitwise import area_resize, bsq_quantize, trilinear_resize
 from ..checkpoint import atomic_write, save_state_dict
 from ..scales import normalize_schedule
 from ..tokenizers import BSQVAE, BSQVAEConfig
-from .module import lr_lambda
+from .module import adamw_with_schedule
 
 TOKENIZER_WEIGHTS = "tokenizer.safetensors"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -155,20 +155,9 @@ class TokenizerModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in stats.items()}, batch_size=batch["images"].shape[0], sync_dist=True)
 
     def configure_optimizers(self):
-        cfg = self.optim_cfg
         named = list(self.vae.named_parameters())
-        decay = [p for n, p in named if p.ndim >= 2]
-        no_decay = [p for n, p in named if p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg["lr"],
-            betas=tuple(cfg["betas"]),
-        )
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 0
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(int(cfg["warmup_steps"]), total, cfg["schedule"], float(cfg["min_lr_ratio"]))
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        # No decay on 1-D parameters: biases and GroupNorm affines.
+        return adamw_with_schedule(named, self.optim_cfg, self.trainer, self.device, no_decay=lambda n, p: p.ndim < 2)
 
     def export(self, directory: str | os.PathLike, write: bool = True) -> Path | None:
         """Write ``tokenizer.safetensors`` (read by ``load_bsq_vae``) and ``tokenizer_config.json``."""
