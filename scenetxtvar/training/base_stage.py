@@ -14,25 +14,23 @@ that :func:`~scenetxtvar.checkpoint.load_infinity` reads and ``stage=car`` takes
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..checkpoint import save_state_dict
 from ..models.infinity import Infinity
 from ..scales import normalize_schedule
-from .builders import build_infinity, build_text_encoder, build_tokenizer, check_code_dim
-from .module import DEFAULT_LOSS, DEFAULT_OPTIM, adamw_with_schedule, batch_schedule, encode_batch, scale_loss_stats
+from .builders import build_infinity
+from .module import DEFAULT_LOSS, DEFAULT_OPTIM, TransformerStage, batch_schedule, encode_batch, scale_loss_stats
 
 BASE_EXPORT = "base.safetensors"
 
 
-class BaseModule(L.LightningModule):
+class BaseModule(TransformerStage):
     """A trainable Infinity; the VAE and text encoder are frozen helpers, not weights."""
 
     def __init__(
@@ -56,31 +54,8 @@ class BaseModule(L.LightningModule):
         if not self.model.bitwise:
             raise ValueError("stage=base trains a bitwise (BSQ) Infinity; index heads (vae=vq) are not supported")
         self.model.checkpointing = activation_checkpointing
-        object.__setattr__(self, "_vae", build_tokenizer(**vae_cfg))
-        object.__setattr__(self, "_text", build_text_encoder(**dict(text)))
-        check_code_dim(self._vae, self.model.codebook_dim, vae_cfg.get("path"))
-        if self._text.dim != self.model.text_channels:
-            raise ValueError(
-                f"the text encoder gives {self._text.dim} channels, the model expects "
-                f"{self.model.text_channels}: set text.dim or choose another model"
-            )
-        self.codes = self.model.code_space(self._vae)
+        self.attach_frozen_helpers(vae_cfg, text)
         self.schedule = normalize_schedule(schedule) if schedule else None
-        self._last_step_time: float | None = None
-
-    @property
-    def vae(self) -> nn.Module:
-        """The frozen tokenizer, moved to this module's device on first use."""
-        if next(self._vae.parameters()).device != self.device:
-            self._vae.to(self.device)
-        return self._vae
-
-    @property
-    def text_encoder(self):
-        """The frozen text encoder, moved to this module's device on first use."""
-        if next(self._text.parameters()).device != self.device:
-            self._text.to(self.device)
-        return self._text
 
     def compute_loss(self, batch: Mapping[str, Any], noise: bool) -> dict[str, Tensor]:
         """Loss, accuracies and per-scale statistics for one batch (text-conditioned, no control)."""
@@ -93,26 +68,9 @@ class BaseModule(L.LightningModule):
         logits = self.model(text, targets.x_BLC_wo_prefix, sched)
         return scale_loss_stats(self.codes, logits, targets.labels, sched, valid, self.loss_cfg)
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        stats = self.compute_loss(batch, noise=True)
-        b = batch["images"].shape[0]
-        self.log("train/loss", stats["loss"], prog_bar=True, batch_size=b)
-        self.log_dict({f"train/{k}": v for k, v in stats.items() if k not in ("loss", "tokens")}, batch_size=b)
-        now = time.perf_counter()
-        if self._last_step_time is not None:
-            dt = now - self._last_step_time
-            self.log_dict({"perf/images_per_s": b / dt, "perf/tokens_per_s": float(stats["tokens"]) / dt}, batch_size=b)
-        self._last_step_time = now
-        return stats["loss"]
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        stats = self.compute_loss(batch, noise=False)
-        b = batch["images"].shape[0]
-        self.log_dict({f"val/{k}": v for k, v in stats.items() if k != "tokens"}, batch_size=b, sync_dist=True)
-
-    def configure_optimizers(self):
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        return adamw_with_schedule(named, self.optim_cfg, self.trainer, self.device)
+    def step_stats(self, batch: Mapping[str, Any], train: bool) -> dict[str, Tensor]:
+        """Training with self-correction noise; validation without."""
+        return self.compute_loss(batch, noise=train)
 
     def export(self, directory: str | os.PathLike, write: bool = True) -> Path | None:
         """Write ``base.safetensors``: the whole Infinity state dict (``load_infinity`` reads it)."""

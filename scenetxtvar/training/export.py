@@ -14,7 +14,7 @@ from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from ..checkpoint import CAR_WEIGHTS, atomic_write, save_state_dict, write_car_config
+from ..checkpoint import CAR_WEIGHTS, atomic_write, load_strict, save_state_dict, write_car_config
 from ..models.pilot import is_car_key
 
 logger = logging.getLogger(__name__)
@@ -121,11 +121,10 @@ class CarModelParallelStrategy(ModelParallelStrategy):
             raise KeyError(f"the checkpoint {path} lacks {len(missing)} trainable tensors, e.g. {missing[:5]}")
         present = {k: v for k, v in get_model_state_dict(module).items() if k in saved}
         load({"state_dict": present}, checkpoint_id=path)
-        # Partial by design: the frozen base is not in the checkpoint (it comes from model.build.base_weights);
-        # every trainable tensor was checked present above, and load_state_dict reports any unexpected key.
-        result = module.load_state_dict(present, strict=False)
-        if result.unexpected_keys:
-            raise KeyError(f"unexpected tensors in {path}: {result.unexpected_keys[:5]}")
+        # Partial by design: the frozen base is not in the checkpoint (it comes from model.build.base_weights).
+        # Exactly the frozen tensors may be absent; anything else missing, unexpected or mis-shaped is an error.
+        frozen = tuple(n for n, t in get_model_state_dict(module).items() if n not in saved and not t.requires_grad)
+        load_strict(module, present, f"sharded checkpoint {path}", allow_missing=frozen)
         for idx, optimizer in enumerate(self.optimizers):  # as Lightning does: optimizer states separately
             key = f"optimizer_{idx}"
             optim_state = {key: get_optimizer_state_dict(module, optimizer)}

@@ -196,7 +196,67 @@ def adamw_with_schedule(
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-class PilotModule(L.LightningModule):
+class TransformerStage(L.LightningModule):
+    """What the base and CAR stages share: frozen tokenizer and text encoder beside a trained transformer,
+    step logging and the optimizer over the parameters that require grad."""
+
+    model: nn.Module
+
+    def attach_frozen_helpers(self, vae_cfg: Mapping[str, Any], text_cfg: Mapping[str, Any]) -> None:
+        """Build the frozen VAE and text encoder outside the module tree (not trained, not checkpointed)."""
+        object.__setattr__(self, "_vae", build_tokenizer(**vae_cfg))
+        object.__setattr__(self, "_text", build_text_encoder(**dict(text_cfg)))
+        if self._text.dim != self.model.text_channels:
+            raise ValueError(
+                f"the text encoder gives {self._text.dim} channels, the model expects "
+                f"{self.model.text_channels}: set text.dim or choose another model"
+            )
+        if self.model.bitwise:
+            check_code_dim(self._vae, self.model.codebook_dim, vae_cfg.get("path"))
+        self.codes = self.model.code_space(self._vae)
+        self._last_step_time: float | None = None
+
+    @property
+    def vae(self) -> nn.Module:
+        """The frozen tokenizer, moved to this module's device on first use."""
+        if next(self._vae.parameters()).device != self.device:
+            self._vae.to(self.device)
+        return self._vae
+
+    @property
+    def text_encoder(self):
+        """The frozen text encoder, moved to this module's device on first use."""
+        if next(self._text.parameters()).device != self.device:
+            self._text.to(self.device)
+        return self._text
+
+    def step_stats(self, batch: Mapping[str, Any], train: bool) -> dict[str, Tensor]:
+        """Loss and statistics of one batch (training: with noise / dropout)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        stats = self.step_stats(batch, train=True)
+        b = batch["images"].shape[0]
+        self.log("train/loss", stats["loss"], prog_bar=True, batch_size=b)
+        self.log_dict({f"train/{k}": v for k, v in stats.items() if k not in ("loss", "tokens")}, batch_size=b)
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            dt = now - self._last_step_time
+            self.log_dict({"perf/images_per_s": b / dt, "perf/tokens_per_s": float(stats["tokens"]) / dt}, batch_size=b)
+        self._last_step_time = now
+        return stats["loss"]
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        stats = self.step_stats(batch, train=False)
+        b = batch["images"].shape[0]
+        self.log_dict({f"val/{k}": v for k, v in stats.items() if k != "tokens"}, batch_size=b, sync_dist=True)
+
+    def configure_optimizers(self):
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return adamw_with_schedule(named, self.optim_cfg, self.trainer, self.device)
+
+
+class PilotModule(TransformerStage):
     """Frozen Infinity + trainable CAR branch; the VAE and text encoder are frozen helpers, not weights."""
 
     def __init__(
@@ -227,38 +287,13 @@ class PilotModule(L.LightningModule):
             **model_cfg, conditioning_channels=3 * len(self.conditions), condition_names=self.conditions
         )
         self.model.checkpointing = activation_checkpointing
-        # Frozen helpers live outside the module tree: they are not trained and not checkpointed.
-        object.__setattr__(self, "_vae", build_tokenizer(**vae_cfg))
-        object.__setattr__(self, "_text", build_text_encoder(**dict(text)))
-        if self._text.dim != self.model.text_channels:
-            raise ValueError(
-                f"the text encoder gives {self._text.dim} channels, the model expects "
-                f"{self.model.text_channels}: set text.dim or choose another model"
-            )
-        if self.model.bitwise:
-            check_code_dim(self._vae, self.model.codebook_dim, vae_cfg.get("path"))
-        self.codes = self.model.code_space(self._vae)
+        self.attach_frozen_helpers(vae_cfg, text)
         self.is_vq = not self.model.bitwise
         self._base_fingerprint = base_fingerprint(self.model)
-        self._last_step_time: float | None = None
         # Lightning checkpoints carry the CAR branch only: the base comes from model.base_weights.
         self.strict_loading = False
 
     # ------------------------------------------------------------------ helpers
-
-    @property
-    def vae(self) -> nn.Module:
-        """The frozen tokenizer, moved to this module's device on first use."""
-        if next(self._vae.parameters()).device != self.device:
-            self._vae.to(self.device)
-        return self._vae
-
-    @property
-    def text_encoder(self):
-        """The frozen text encoder, moved to this module's device on first use."""
-        if next(self._text.parameters()).device != self.device:
-            self._text.to(self.device)
-        return self._text
 
     def schedule_for(self, batch: Mapping[str, Any]) -> list[tuple[int, int, int]]:
         """The batch's scale schedule: its template's (BSQ) or VAR's patch numbers (VQ)."""
@@ -285,22 +320,9 @@ class PilotModule(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        stats = self.compute_loss(batch, noise=True, drop_control=True)
-        b = batch["images"].shape[0]
-        self.log("train/loss", stats["loss"], prog_bar=True, batch_size=b)
-        self.log_dict({f"train/{k}": v for k, v in stats.items() if k not in ("loss", "tokens")}, batch_size=b)
-        now = time.perf_counter()
-        if self._last_step_time is not None:
-            dt = now - self._last_step_time
-            self.log_dict({"perf/images_per_s": b / dt, "perf/tokens_per_s": float(stats["tokens"]) / dt}, batch_size=b)
-        self._last_step_time = now
-        return stats["loss"]
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        stats = self.compute_loss(batch, noise=False, drop_control=False)
-        b = batch["images"].shape[0]
-        self.log_dict({f"val/{k}": v for k, v in stats.items() if k != "tokens"}, batch_size=b, sync_dist=True)
+    def step_stats(self, batch: Mapping[str, Any], train: bool) -> dict[str, Tensor]:
+        """Training: self-correction noise and control dropout; validation: neither."""
+        return self.compute_loss(batch, noise=train, drop_control=train)
 
     def configure_model(self) -> None:
         """FSDP2: shard every base and CAR block, then the rest, over the data-parallel mesh."""
@@ -315,15 +337,14 @@ class PilotModule(L.LightningModule):
         fully_shard(self.model, mesh=dp)
 
     def configure_optimizers(self):
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        names = {n for n, _ in named}
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         car = {n for n, _ in self.model.named_parameters() if is_car_key(n)}
         if names != car:
             raise RuntimeError(
                 f"the optimizer must hold exactly the car_*/control_* parameters; extra {sorted(names - car)[:5]}, "
                 f"missing {sorted(car - names)[:5]}"
             )
-        return adamw_with_schedule(named, self.optim_cfg, self.trainer, self.device)
+        return super().configure_optimizers()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the CAR branch; record the base's fingerprint so a resume can check it."""
