@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
@@ -39,10 +40,7 @@ LAYOUT = {"prompt": 'a sign that says "OPEN" and "24h"', "texts": [
 FAST = ["sampling.cfg=1.0", "progress=false"]  # no CFG: half the sampling work
 
 
-def make_cfg(name: str, run_dir: Path, cache: Path, *overrides: str):
-    """A composed sample/evaluate config with the run dir and the synthetic cache set."""
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(name, overrides=[f"paths.run_dir={run_dir}", f"paths.cache_dir={cache}", *overrides])
+make_cfg = compose_config  # (name, run_dir, cache, *overrides)
 
 
 def write_export(directory: Path, *overrides: str) -> Path:

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import FAST_RUN, compose_config
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
 # The demo's 64x128 / patch-8 / 5-scale setup at a few steps, single words.
 DEMO = [
     "model=demo",
@@ -26,24 +24,7 @@ DEMO = [
 
 
 def make_cfg(run_dir: Path, cache: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                f"paths.run_dir={run_dir}",
-                f"paths.cache_dir={cache}",
-                "debug=fast",
-                "callbacks=minimal",
-                "logger=csv",
-                *DEMO,
-                *overrides,
-            ],
-        )
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic-cache")
+    return compose_config("train", run_dir, cache, *FAST_RUN, *DEMO, *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -9,34 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF, FAST_RUN, ROOT, compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from scenetxtvar.models.pilot import is_car_key
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic-cache")
-
 
 def make_cfg(run_dir: Path, cache: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                f"paths.run_dir={run_dir}",
-                f"paths.cache_dir={cache}",
-                "debug=fast",
-                "callbacks=minimal",
-                "logger=csv",
-                *overrides,
-            ],
-        )
+    return compose_config("train", run_dir, cache, *FAST_RUN, *overrides)
 
 
 @pytest.mark.slow
