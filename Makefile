@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast demo lint bench clean
+.PHONY: help setup test test-fast demo demo-full lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -28,8 +28,11 @@ test: setup  ## run the test suite (CPU; gpu tests skip themselves)
 test-fast: setup  ## the suite without tests marked slow
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: setup  ## the embedded demo on CPU
-	$(BIN)/python -m scenetxtvar.demo
+demo: setup  ## tokenizer -> base -> CAR stages on synthetic scenes, then evaluate (~15 CPU minutes)
+	$(BIN)/python -m scenetxtvar.demo --profile quick
+
+demo-full: setup  ## the same with the budgets that aim at the legibility targets (~45 CPU minutes)
+	$(BIN)/python -m scenetxtvar.demo --profile full
 
 lint: setup  ## ruff check + format check
 	$(BIN)/ruff check .

@@ -123,6 +123,16 @@ def save_state_dict(
     return atomic_write(path, lambda fh: torch.save(tensors, fh))
 
 
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file's header ({} for other files or none)."""
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
 # --------------------------------------------------------------------------------------------
 # Strict matching
 # --------------------------------------------------------------------------------------------

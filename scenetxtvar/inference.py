@@ -669,6 +669,7 @@ def resolve_spec(cfg_or_paths: Any) -> dict[str, Any]:
                 "text": dict(hp["text"]),
                 "conditions": list(hp.get("conditions", ["glyph"])),
                 "mask_conditions": None,
+                "schedule": hp.get("schedule"),
                 "ckpt": str(path),
                 "device": "auto",
             }
@@ -697,6 +698,8 @@ def resolve_spec(cfg_or_paths: Any) -> dict[str, Any]:
             "text": _container(sel(m, "text")),
             "conditions": list(_container(sel(m, "condition.names"))),
             "mask_conditions": _container(sel(m, "condition.masks", default=None)),
+            # Explicit scales of a custom schedule (schedule=demo64x128); templates otherwise.
+            "schedule": _container(sel(m, "schedule.scales", default=None)),
             "ckpt": _container(sel(m, "ckpt", default=None)),
             "device": _container(sel(m, "device", default="auto")) or "auto",
         }
@@ -709,6 +712,7 @@ def resolve_spec(cfg_or_paths: Any) -> dict[str, Any]:
         "text": dict(_container(m["text"])),
         "conditions": list(_container(m.get("conditions", ["glyph"]))),
         "mask_conditions": _container(m.get("mask_conditions")),
+        "schedule": _container(m.get("schedule")),
         "ckpt": m.get("ckpt"),
         "device": m.get("device", "auto") or "auto",
     }
@@ -819,7 +823,12 @@ def load_module(cfg_or_paths: Any, device: str | torch.device | None = None):
     if spec["ckpt"] and not Path(os.path.expanduser(str(spec["ckpt"]))).exists():  # fail before building anything
         raise FileNotFoundError(f"checkpoint not found: {spec['ckpt']}\n  set it with ckpt=/path/to/export_dir_or.ckpt")
     module = PilotModule(
-        model=spec["model"], vae=spec["vae"], text=spec["text"], conditions=spec["conditions"], control_dropout=0.0
+        model=spec["model"],
+        vae=spec["vae"],
+        text=spec["text"],
+        conditions=spec["conditions"],
+        control_dropout=0.0,
+        schedule=spec.get("schedule") or None,
     )
     info = None
     if spec["ckpt"]:

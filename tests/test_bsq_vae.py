@@ -442,3 +442,35 @@ def test_invalid_configs() -> None:
         BSQVAEConfig(ch_mult=(1, 2, 4, 4), patch_size=16)
     with pytest.raises(ValueError, match="divisible by 32 or 24"):
         BSQVAEConfig(base_ch=40)
+    with pytest.raises(ValueError, match="norm_groups=3 must be >= 1 and divide every width"):
+        BSQVAEConfig(base_ch=32, norm_groups=3)
+
+
+def test_norm_groups_shape_the_norms_and_travel_in_the_export_metadata(tmp_path: Path) -> None:
+    """GroupNorm groups leave no trace in a state dict: our export carries them, official files default."""
+    from scenetxtvar.training.tokenizer_stage import export_tokenizer
+
+    cfg = BSQVAEConfig(base_ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, patch_size=8, codebook_dim=8, norm_groups=2)
+    torch.manual_seed(0)
+    model = BSQVAE(cfg).eval()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and {m.num_groups for m in norms} == {2}
+    path = export_tokenizer(model, tmp_path / "export")
+    loaded = load_bsq_vae(path)
+    assert loaded.config == cfg
+    img = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(
+            loaded.decode(loaded.encode(img, [(1, 1), (4, 4)])[0]), model.decode(model.encode(img, [(1, 1), (4, 4)])[0])
+        )
+    # The same tensors without our metadata (an official-style file) get the official grouping, which
+    # 16 channels cannot have: the error says what to set.
+    plain = tmp_path / "plain.safetensors"
+    save_file(
+        {k: v.clone().contiguous() for k, v in model.state_dict().items() if not k.startswith("quantize.")}, str(plain)
+    )
+    with pytest.raises(ValueError, match="or set norm_groups"):
+        load_bsq_vae(plain)
+    assert load_bsq_vae(plain, norm_groups=2).config == cfg
+    # An explicit override wins over the metadata.
+    assert load_bsq_vae(path, norm_groups=1).config.norm_groups == 1

@@ -103,7 +103,9 @@ def _bad_tokenizer(path: Path) -> Path:
     from scenetxtvar.tokenizers import BSQVAE, BSQVAEConfig
     from scenetxtvar.training.tokenizer_stage import export_tokenizer
 
-    vae = BSQVAE(BSQVAEConfig(base_ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, patch_size=8, codebook_dim=8))
+    vae = BSQVAE(
+        BSQVAEConfig(base_ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, patch_size=8, codebook_dim=8, norm_groups=1)
+    )
     return export_tokenizer(vae, path)
 
 

@@ -18,6 +18,7 @@ token schedule (the latent grid is then twice the token grid, as in :func:`bitwi
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bitwise import area_resize, bits_to_codes, bsq_quantize, latent_grids, trilinear_resize
-from ..checkpoint import load_strict, read_checkpoint
+from ..checkpoint import load_strict, read_checkpoint, read_safetensors_metadata
 from ..scales import normalize_schedule
 
 logger = logging.getLogger(__name__)
@@ -44,13 +45,19 @@ ScheduleLike = Sequence[Sequence[int]]
 # --------------------------------------------------------------------------------------------------
 
 
-def _num_groups(channels: int) -> int:
-    """GroupNorm groups of the official ``Normalize``: 32, else 24, else unsupported."""
+def _num_groups(channels: int, groups: int | None = None) -> int:
+    """GroupNorm groups: ``groups`` when given, else the official ``Normalize``'s 32, else 24."""
+    if groups is not None:
+        if groups < 1 or channels % groups:
+            raise ValueError(f"norm_groups={groups} must be >= 1 and divide every width, got width {channels}")
+        return groups
     if channels % 32 == 0:
         return 32
     if channels % 24 == 0:
         return 24
-    raise ValueError(f"GroupNorm needs a channel count divisible by 32 or 24, got {channels}")
+    raise ValueError(
+        f"GroupNorm needs a channel count divisible by 32 or 24, got {channels} (or set norm_groups to a divisor)"
+    )
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,10 @@ class BSQVAEConfig:
     codebook_dim: int = 32
     # None = same as ch_mult (every released VAE); the official builder takes both separately.
     decoder_ch_mult: tuple[int, ...] | None = None
+    # GroupNorm groups; None = the official 32 (or 24). Small tokenizers train far faster with fewer,
+    # wider groups: one channel per group normalises away each channel's per-image level (its colour).
+    # Not visible in a state dict: exports carry it in their metadata (see ``load_bsq_vae``).
+    norm_groups: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -82,7 +93,7 @@ class BSQVAEConfig:
             if min(mult) < 1:
                 raise ValueError(f"{name} entries must be positive, got {mult}")
             for m in mult:
-                _num_groups(self.base_ch * m)
+                _num_groups(self.base_ch * m, self.norm_groups)
         if self.num_res_blocks < 1:
             raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
         if self.codebook_dim < 1:
@@ -117,11 +128,11 @@ class Conv(nn.Module):
 
 
 class Normalize(nn.Module):
-    """GroupNorm (32 groups, or 24 when 32 does not divide), eps 1e-6, behind ``.norm``."""
+    """GroupNorm (32 groups, or 24 when 32 does not divide, or ``groups``), eps 1e-6, behind ``.norm``."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, groups: int | None = None) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(_num_groups(channels), channels, eps=1e-6, affine=True)
+        self.norm = nn.GroupNorm(_num_groups(channels, groups), channels, eps=1e-6, affine=True)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the norm."""
@@ -131,11 +142,11 @@ class Normalize(nn.Module):
 class ResnetBlock(nn.Module):
     """norm-swish-conv3x3 twice, plus a 1x1 ``nin_shortcut`` when the width changes."""
 
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, groups: int | None = None) -> None:
         super().__init__()
-        self.norm1 = Normalize(cin)
+        self.norm1 = Normalize(cin, groups)
         self.conv1 = Conv(cin, cout, 3, padding=1)
-        self.norm2 = Normalize(cout)
+        self.norm2 = Normalize(cout, groups)
         self.conv2 = Conv(cout, cout, 3, padding=1)
         if cin != cout:
             self.nin_shortcut = Conv(cin, cout, 1)
@@ -173,10 +184,10 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(channels: int) -> nn.Module:
+def _mid(channels: int, groups: int | None) -> nn.Module:
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels)
-    mid.block_2 = ResnetBlock(channels, channels)
+    mid.block_1 = ResnetBlock(channels, channels, groups)
+    mid.block_2 = ResnetBlock(channels, channels, groups)
     return mid
 
 
@@ -193,13 +204,13 @@ class Encoder(nn.Module):
             level = nn.Module()
             level.block = nn.ModuleList()
             for _ in range(cfg.num_res_blocks):
-                level.block.append(ResnetBlock(cin, ch * m))
+                level.block.append(ResnetBlock(cin, ch * m, cfg.norm_groups))
                 cin = ch * m
             if i < n_down:
                 level.downsample = Downsample(cin)
             self.down.append(level)
-        self.mid = _mid(cin)
-        self.norm_out = Normalize(cin)
+        self.mid = _mid(cin, cfg.norm_groups)
+        self.norm_out = Normalize(cin, cfg.norm_groups)
         self.conv_out = Conv(cin, cfg.codebook_dim, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -222,20 +233,20 @@ class Decoder(nn.Module):
         ch, mult, n_up = cfg.base_ch, cfg.dec_ch_mult, int(math.log2(cfg.patch_size))
         cin = ch * mult[-1]
         self.conv_in = Conv(cfg.codebook_dim, cin, 3, padding=1)
-        self.mid = _mid(cin)
+        self.mid = _mid(cin, cfg.norm_groups)
         levels: list[nn.Module] = []
         for i in reversed(range(len(mult))):
             level = nn.Module()
             level.block = nn.ModuleList()
             for _ in range(cfg.num_res_blocks + 1):
-                level.block.append(ResnetBlock(cin, ch * mult[i]))
+                level.block.append(ResnetBlock(cin, ch * mult[i], cfg.norm_groups))
                 cin = ch * mult[i]
             # Offset by one against the encoder (level 0 never upsamples), as in FLUX's AE.
             if 1 <= i <= n_up:
                 level.upsample = Upsample(cin)
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
-        self.norm_out = Normalize(cin)
+        self.norm_out = Normalize(cin, cfg.norm_groups)
         self.conv_out = Conv(cin, 3, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -474,6 +485,8 @@ _CONV_WRAPPER = re.compile(
 _NORM_WRAPPER = re.compile(rf"^(?:{_SIDE}\.norm_out|{_BLOCK}\.norm[12])\.(?:weight|bias)$")
 _MASK_KEYS = ("quantizer.lfq.mask", "quantize.lfq.mask")
 _WHAT = "BSQ-VAE checkpoint"
+# safetensors metadata key holding the BSQVAEConfig fields a state dict cannot show (norm_groups).
+CONFIG_METADATA_KEY = "scenetxtvar.bsq_config"
 
 
 def convert_legacy_keys(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int]:
@@ -512,8 +525,8 @@ def _mult(widths: dict[int, int], base: int, what: str) -> tuple[int, ...]:
     return tuple(mult)
 
 
-def detect_config(state_dict: Mapping[str, Tensor]) -> BSQVAEConfig:
-    """Infer the architecture from a (wrapped-name) state dict's shapes."""
+def detect_config(state_dict: Mapping[str, Tensor], norm_groups: int | None = None) -> BSQVAEConfig:
+    """Infer the architecture from a (wrapped-name) state dict's shapes (``norm_groups``: not in the shapes)."""
     for key in ("encoder.conv_in.conv.weight", "encoder.conv_out.conv.weight"):
         if key not in state_dict:
             raise ValueError(f"cannot detect the BSQ-VAE architecture: {key!r} is missing")
@@ -532,6 +545,7 @@ def detect_config(state_dict: Mapping[str, Tensor]) -> BSQVAEConfig:
         patch_size=2**downs,
         codebook_dim=int(state_dict["encoder.conv_out.conv.weight"].shape[0]),
         decoder_ch_mult=dec_mult,
+        norm_groups=norm_groups,
     )
 
 
@@ -560,12 +574,25 @@ def _fill_masks(sd: dict[str, Tensor], dim: int) -> None:
             logger.info("BSQ-VAE checkpoint lacks %s; regenerated it (2**(dq-1..0))", key)
 
 
+def config_metadata(config: BSQVAEConfig) -> dict[str, str]:
+    """safetensors metadata that lets :func:`load_bsq_vae` rebuild what detection cannot (``norm_groups``)."""
+    return {CONFIG_METADATA_KEY: json.dumps({"norm_groups": config.norm_groups})}
+
+
+def _metadata_fields(source: Any) -> dict[str, Any]:
+    if isinstance(source, Mapping):
+        return {}
+    raw = read_safetensors_metadata(source).get(CONFIG_METADATA_KEY)
+    return {k: v for k, v in json.loads(raw).items() if k == "norm_groups"} if raw else {}
+
+
 def load_bsq_vae(source: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> BSQVAE:
     """Build a BSQ-VAE whose architecture is detected from ``source`` and load it strictly (eval, frozen).
 
     ``source``: an official ``{"vae": state_dict}`` .pth (other top-level entries are ignored), a
     plain state-dict .pth, a .safetensors file, or an already-loaded dict of either form. Legacy
-    un-wrapped conv/norm key names are converted. ``overrides`` replace detected
+    un-wrapped conv/norm key names are converted. Fields the shapes cannot show (``norm_groups``) come
+    from the file's metadata when it is one of our exports. ``overrides`` replace detected
     :class:`BSQVAEConfig` fields.
     """
     obj = read_checkpoint(source, _WHAT)
@@ -573,7 +600,8 @@ def load_bsq_vae(source: str | os.PathLike | Mapping[str, Any], **overrides: Any
     what = "the BSQ-VAE state dict" if isinstance(source, Mapping) else f"{_WHAT} {origin}"
     try:
         sd, renamed = convert_legacy_keys(_extract_state_dict(obj, origin))
-        config = dataclasses.replace(detect_config(sd), **overrides)
+        fields = {**_metadata_fields(source), **overrides}
+        config = dataclasses.replace(detect_config(sd, fields.pop("norm_groups", None)), **fields)
     except TypeError as e:
         raise ValueError(f"unknown BSQVAEConfig override in {sorted(overrides)}: {e}") from e
     except ValueError as e:

@@ -67,14 +67,23 @@ def make_panel(
 
     Every tile is resized to the ground truth's size.
     """
-    columns = [control, ground_truth, with_control, without_control]
-    n = ground_truth.shape[0]
-    if any(c.shape[0] != n for c in columns) or len(captions) != n:
+    return column_panel([control, ground_truth, with_control, without_control], captions, titles, size_of=1)
+
+
+def column_panel(
+    columns: Sequence[Tensor], captions: Sequence[str], titles: Sequence[str], size_of: int = 0
+) -> Image.Image:
+    """Any number of (N, C, H, W) [-1, 1] batches side by side: one row per sample, titles, captions.
+
+    Every tile is resized to the size of ``columns[size_of]``.
+    """
+    n = columns[size_of].shape[0]
+    if any(c.shape[0] != n for c in columns) or len(captions) != n or len(titles) != len(columns):
         raise ValueError(
-            f"make_panel needs the same number of rows everywhere, got {[c.shape[0] for c in columns]} images "
-            f"and {len(captions)} captions"
+            f"a panel needs the same number of rows everywhere and one title per column, got "
+            f"{[c.shape[0] for c in columns]} images, {len(captions)} captions and {len(titles)} titles"
         )
-    h, w = ground_truth.shape[-2:]
+    h, w = columns[size_of].shape[-2:]
     width = len(columns) * w + (len(columns) + 1) * _PAD
     row_h = h + _CAPTION_H + _PAD
     panel = Image.new("RGB", (width, _TITLE_H + n * row_h + _PAD), "white")

@@ -37,6 +37,7 @@ from ..bitwise import area_resize, bsq_quantize, trilinear_resize
 from ..checkpoint import atomic_write, save_state_dict
 from ..scales import normalize_schedule
 from ..tokenizers import BSQVAE, BSQVAEConfig
+from ..tokenizers.bsq import config_metadata
 from .module import adamw_with_schedule
 
 TOKENIZER_WEIGHTS = "tokenizer.safetensors"
@@ -172,7 +173,7 @@ def export_tokenizer(vae: BSQVAE, directory: str | os.PathLike) -> Path:
     # `quantize` aliases `quantizer` (same mask tensor): safetensors refuses shared tensors, and
     # load_bsq_vae regenerates the alias's mask.
     state = {k: v for k, v in vae.state_dict().items() if not k.startswith("quantize.")}
-    path = save_state_dict(state, directory / TOKENIZER_WEIGHTS)
+    path = save_state_dict(state, directory / TOKENIZER_WEIGHTS, metadata=config_metadata(vae.config))
     config = json.dumps({"kind": "bsq", **dataclasses.asdict(vae.config)}, indent=1)
     atomic_write(directory / TOKENIZER_CONFIG, lambda fh: fh.write(config.encode()))
     return path
