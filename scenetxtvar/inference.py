@@ -87,6 +87,8 @@ class SampleSettings:
     font: str | None = None  # glyph font for layouts (None: the default control font)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     cfg_insertion_layer: int = 0  # 0: guidance on the logits
+    # Explicit (h, w) grids of a custom schedule (schedule.scales, e.g. demo64x128); replace the pn template.
+    scales: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -320,8 +322,13 @@ def render_layout_mask(layout: Layout, out_hw: tuple[int, int], font: str | None
 # ---------------------------------------------------------------------------------------------- controls
 
 
-def schedule_for(model: nn.Module, vae: nn.Module, h_div_w: float, pn: str | None) -> list[tuple[int, int, int]]:
-    """The scale schedule: the official template nearest ``h_div_w`` at ``pn`` (BSQ), or VAR's (VQ, square)."""
+def schedule_for(
+    model: nn.Module, vae: nn.Module, h_div_w: float, pn: str | None, scales: Sequence[Sequence[int]] | None = None
+) -> list[tuple[int, int, int]]:
+    """The scale schedule: explicit ``scales`` (a custom schedule), else the official template nearest
+    ``h_div_w`` at ``pn`` (BSQ), or VAR's (VQ, square)."""
+    if scales:
+        return normalize_schedule(scales)
     if getattr(model, "bitwise", True):
         if pn is None:
             raise ValueError("a bitwise (BSQ) model needs a pn preset (sampling.pn / schedule.pn)")
@@ -330,6 +337,12 @@ def schedule_for(model: nn.Module, vae: nn.Module, h_div_w: float, pn: str | Non
     if patch_nums is None:
         raise ValueError("an index-head (VQ) model samples with its VQ-VAE's patch numbers: pass the VQ-VAE")
     return normalize_schedule([(1, p, p) for p in patch_nums])
+
+
+def image_stride(model: nn.Module, vae: nn.Module) -> int:
+    """Pixels per token of the last scale: the tokenizer's patch, x2 with Infinity's 2x2 spatial patchify."""
+    patch = int(getattr(vae, "downsample", 16))
+    return patch * (2 if getattr(model, "apply_spatial_patchify", False) else 1)
 
 
 def mask_conditions_for(conditions: Sequence[str], mask_conditions: Sequence[str] | None) -> list[str]:
@@ -369,7 +382,13 @@ def _load_control_image(item: Any, name: str) -> Image.Image:
 
 
 def control_from_images(
-    item: Any, conditions: Sequence[str], masks: Sequence[str], pn: str | None, model: nn.Module, vae: nn.Module
+    item: Any,
+    conditions: Sequence[str],
+    masks: Sequence[str],
+    pn: str | None,
+    model: nn.Module,
+    vae: nn.Module,
+    scales: Sequence[Sequence[int]] | None = None,
 ) -> tuple[Tensor, list[tuple[int, int, int]]]:
     """(Cc, H, W) control and its schedule from one control entry.
 
@@ -386,9 +405,10 @@ def control_from_images(
                 f"got {tuple(item.shape)}"
             )
         h, w = item.shape[-2:]
-        sched = schedule_for(model, vae, h / w, pn)
-        if pixel_size(sched) != (h, w):
-            raise ValueError(f"a control tensor of {h}x{w} does not fit the schedule's {pixel_size(sched)} image")
+        sched = schedule_for(model, vae, h / w, pn, scales)
+        size = pixel_size(sched, image_stride(model, vae))
+        if size != (h, w):
+            raise ValueError(f"a control tensor of {h}x{w} does not fit the schedule's {size} image")
         return item.float(), sched
     if isinstance(item, Mapping):
         missing = [c for c in conditions if c not in item]
@@ -402,8 +422,8 @@ def control_from_images(
             raise ValueError(f"the model has conditions {list(conditions)}: give a mapping {{condition: image}} each")
         images = {conditions[0]: _load_control_image(item, conditions[0])}
     first = images[conditions[0]]
-    sched = schedule_for(model, vae, first.size[1] / first.size[0], pn)
-    out_hw = pixel_size(sched)
+    sched = schedule_for(model, vae, first.size[1] / first.size[0], pn, scales)
+    out_hw = pixel_size(sched, image_stride(model, vae))
     parts = []
     for c in conditions:
         img = images[c]
@@ -552,17 +572,18 @@ def generate(
             lay = layout_list[i]
             if lay.prompt is not None and prompts is not None and lay.prompt != prompt:
                 logger.info("image %d: the given prompt replaces the layout's prompt %r", i, lay.prompt)
-            sched = schedule_for(model, vae, lay.h_div_w or settings.h_div_w, lay.pn or settings.pn)
-            scaled = lay.in_pixels(pixel_size(sched), f"layout image {i}")
-            control = layout_control(scaled, pixel_size(sched), conditions, masks, settings.font)
+            sched = schedule_for(model, vae, lay.h_div_w or settings.h_div_w, lay.pn or settings.pn, settings.scales)
+            size = pixel_size(sched, image_stride(model, vae))
+            scaled = lay.in_pixels(size, f"layout image {i}")
+            control = layout_control(scaled, size, conditions, masks, settings.font)
             record["layout"] = scaled.to_dict()
             record["control"] = "layout"
         elif control_images is not None:
             entry = control_images[i]
-            control, sched = control_from_images(entry, conditions, masks, settings.pn, model, vae)
+            control, sched = control_from_images(entry, conditions, masks, settings.pn, model, vae, settings.scales)
             record["control"] = _describe_control(entry)
         else:
-            sched = schedule_for(model, vae, settings.h_div_w, settings.pn)
+            sched = schedule_for(model, vae, settings.h_div_w, settings.pn, settings.scales)
         items.append((prompt, sched, control, record))
 
     from tqdm.auto import tqdm
@@ -592,7 +613,7 @@ def generate(
                 batch_size=len(batch),
                 batch_position=pos,
                 schedule=[list(s) for s in sched],
-                size=list(pixel_size(sched)),
+                size=list(pixel_size(sched, image_stride(model, vae))),
                 controlled=stacked is not None and settings.use_control,
             )
     logger.info("sampled %d images in %.1f s", len(items), time.perf_counter() - start)

@@ -274,3 +274,15 @@ def test_sample_and_evaluate_scripts(trained, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert data["num_images"] == 2 and data["gt_sen_acc"] is not None and "nocontrol_sen_acc" in data
+
+
+def test_a_custom_schedule_sets_the_image_size_through_the_tokenizer_patch(kit):
+    """Explicit scales (schedule.scales) replace the pn template; the image is patch x the last grid."""
+    scales = [[1, 1], [1, 2], [2, 4]]
+    stride = kit.vae.downsample
+    layout = {"texts": [{"text": "HI", "box": [2, 2, 4 * stride - 2, 2 * stride - 2]}], "prompt": "a sign"}
+    result = generate(kit.model, kit.vae, None, layouts=[layout], text_encoder=kit.text_encoder, cfg=1.0, scales=scales)
+    assert result.images[0].size == (4 * stride, 2 * stride)
+    assert result.controls[0].shape == (3, 2 * stride, 4 * stride)
+    assert result.records[0]["schedule"] == [[1, 1, 1], [1, 1, 2], [1, 2, 4]]
+    assert SampleSettings.from_mapping({"scales": scales}).scales == scales

@@ -96,7 +96,7 @@ class TokenizerModule(L.LightningModule):
             "min_lr_ratio": 0.1,
             **dict(optim or {}),
         }
-        self.loss_cfg = {"glyph_weight": 1.0, "commit_weight": 0.25, **dict(loss or {})}
+        self.loss_cfg = {"glyph_weight": 0.1, "commit_weight": 0.25, **dict(loss or {})}
         self.conditions = list(conditions)
         if self.loss_cfg["glyph_weight"] > 0 and "glyph" not in self.conditions:
             raise ValueError(
