@@ -99,8 +99,9 @@ def test_training_changes_only_the_car_branch(tiny_run, tmp_path):
 def test_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
     from scenetxtvar.training.run import run
 
+    # 3 steps per epoch: the resume at step 2 is mid-epoch (the RNG must survive the new loader iterator).
     common = [
-        "data.epoch_samples=4",
+        "data.epoch_samples=6",
         "data.num_train=8",
         "callbacks.checkpoint.every_n_train_steps=2",
         "control_dropout=0.5",

@@ -255,6 +255,22 @@ class TransformerStage(L.LightningModule):
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         return adamw_with_schedule(named, self.optim_cfg, self.trainer, self.device)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the RNG states: self-correction noise, dropout and prompt drop continue on resume."""
+        checkpoint.setdefault("scenetxtvar", {})["rng"] = capture_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the RNG states recorded at save; they are restored before the first resumed batch."""
+        self._pending_rng = checkpoint.get("scenetxtvar", {}).get("rng")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Restore a resumed run's RNG states here, not at load: creating the DataLoader iterator of a
+        resumed epoch draws from the global RNG, which an uninterrupted run did at the epoch's start."""
+        pending = getattr(self, "_pending_rng", None)
+        if pending is not None:
+            restore_rng_state(pending)
+            self._pending_rng = None
+
 
 class PilotModule(TransformerStage):
     """Frozen Infinity + trainable CAR branch; the VAE and text encoder are frozen helpers, not weights."""
@@ -352,11 +368,8 @@ class PilotModule(TransformerStage):
         if isinstance(state, dict):
             for key in [k for k in state if not is_car_key(k.removeprefix("model."))]:
                 del state[key]
-        checkpoint["scenetxtvar"] = {
-            "base_fingerprint": self._base_fingerprint,
-            "car_config": self.model.car_config(),
-            "rng": capture_rng_state(),
-        }
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["scenetxtvar"].update(base_fingerprint=self._base_fingerprint, car_config=self.model.car_config())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose CAR keys do not match, or that was trained on another base."""
@@ -369,5 +382,4 @@ class PilotModule(TransformerStage):
         saved = info.get("base_fingerprint")
         if saved is not None and not torch.allclose(saved.double(), self._base_fingerprint, rtol=1e-9, atol=1e-6):
             raise ValueError("this checkpoint was trained on different base weights than model.base_weights")
-        if "rng" in info:  # exact resume: noise, dropout and prompt drop continue the same random stream
-            restore_rng_state(info["rng"])
+        super().on_load_checkpoint(checkpoint)
