@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST_RUN, compose_config
+from PIL import Image
 from safetensors.torch import load_file
 
 # The demo's 64x128 / patch-8 / 5-scale setup at a few steps, single words.
@@ -31,7 +32,7 @@ def make_cfg(run_dir: Path, cache: Path, *overrides: str):
 def tokenizer_run(tmp_path_factory, cache_dir):
     from scenetxtvar.training.run import run
 
-    return run(make_cfg(tmp_path_factory.mktemp("tok"), cache_dir, "stage=tokenizer"))
+    return run(make_cfg(tmp_path_factory.mktemp("tok"), cache_dir, "stage=tokenizer", "trainer.val_check_interval=2"))
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,11 @@ def test_tokenizer_stage_trains_and_exports_what_load_bsq_vae_reads(tokenizer_ru
     assert any(not torch.equal(trained[k], init[k]) for k in init if init[k].is_floating_point())
     header, *rows = (Path(tokenizer_run["run_dir"]) / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     assert {"train/loss", "train/l1", "train/glyph_l1", "train/commit"} <= set(header.split(",")) and rows
+    # Validation draws originals beside their reconstructions.
+    panels = sorted((Path(tokenizer_run["run_dir"]) / "panels").glob("reconstructions_step*.png"))
+    assert panels
+    with Image.open(panels[-1]) as im:
+        assert im.width > 2 * 128
     with torch.no_grad():  # it tokenizes a 64x128 image over the demo schedule
         z, bits = vae.encode(torch.zeros(1, 3, 64, 128), [(1, 1), (1, 2), (2, 4), (4, 8), (8, 16)])
     assert z.shape == (1, 16, 8, 16) and bits[-1].shape == (1, 1, 8, 16, 16)

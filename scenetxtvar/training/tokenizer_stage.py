@@ -76,9 +76,11 @@ class TokenizerModule(L.LightningModule):
         optim: Mapping[str, Any] | None = None,
         loss: Mapping[str, Any] | None = None,
         schedule: Sequence[Sequence[int]] | None = None,
+        panel_samples: int = 4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.panel_samples = int(panel_samples)  # reconstructions drawn at each validation (0: none)
         vae_cfg = dict(vae)
         if vae_cfg.get("kind", "bsq") != "bsq":
             kind = vae_cfg.get("kind")
@@ -154,6 +156,26 @@ class TokenizerModule(L.LightningModule):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         stats = self.compute_loss(batch)
         self.log_dict({f"val/{k}": v for k, v in stats.items()}, batch_size=batch["images"].shape[0], sync_dist=True)
+        if batch_idx == 0 and self.trainer.is_global_zero and self.panel_samples:
+            self.save_reconstruction_panel(batch)
+
+    def save_reconstruction_panel(self, batch: Mapping[str, Any]) -> Path:
+        """``<run dir>/panels/reconstructions_step<N>.png``: originals beside their reconstructions."""
+        from ..evaluation.reconstruction import reconstruct
+        from .panels import column_panel
+
+        n = min(self.panel_samples, batch["images"].shape[0])
+        images = batch["images"][:n]
+        grids = self.grids_for(batch, tuple(d // self.vae.patch_size for d in images.shape[-2:]))
+        recon = reconstruct(self.vae, images, grids)
+        panel = column_panel([images.cpu(), recon.cpu()], list(batch["captions"][:n]), ("original", "reconstruction"))
+        path = Path(self.trainer.default_root_dir) / "panels" / f"reconstructions_step{self.global_step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        panel.save(path)
+        for lg in self.loggers:
+            if hasattr(lg, "log_image"):  # wandb
+                lg.log_image("tokenizer/reconstructions", [panel], step=self.global_step)
+        return path
 
     def configure_optimizers(self):
         named = list(self.vae.named_parameters())
