@@ -745,6 +745,10 @@ class SceneTextLoader(DataLoader):
         **kwargs: Any,
     ) -> None:
         # Identity collation: torch's default_convert would turn the schedule's tuples into lists.
+        # Our own generator: a new iterator draws its worker base seed from it, not from the global RNG,
+        # so starting an epoch (or resuming one) leaves the training step's random stream alone. The
+        # batches do not depend on it: the stream seeds itself from (seed, epoch, rank, worker).
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(
             dataset, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_identity, **kwargs
         )

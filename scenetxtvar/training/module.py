@@ -264,8 +264,8 @@ class TransformerStage(L.LightningModule):
         self._pending_rng = checkpoint.get("scenetxtvar", {}).get("rng")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Restore a resumed run's RNG states here, not at load: creating the DataLoader iterator of a
-        resumed epoch draws from the global RNG, which an uninterrupted run did at the epoch's start."""
+        """Restore a resumed run's RNG states right before its first batch, where the uninterrupted run
+        stood when the checkpoint was saved (the loaders draw from their own generators, not the global RNG)."""
         pending = getattr(self, "_pending_rng", None)
         if pending is not None:
             restore_rng_state(pending)
