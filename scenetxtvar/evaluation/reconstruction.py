@@ -49,7 +49,7 @@ def evaluate_reconstructions(
     recognizer = recognizer or get_recognizer()
     ocr = {p: OCRAccuracy(recognizer) for p in ("recon_", "gt_")}
     device = next(vae.parameters()).device
-    done, l1_sum, mse_sum = 0, 0.0, 0.0
+    done, l1_sum, log10_mse_sum = 0, 0.0, 0.0
     shown: dict[str, list] = {"images": [], "recon": [], "captions": []}
     for batch in batches:
         keep = batch["valid"].bool()
@@ -63,7 +63,7 @@ def evaluate_reconstructions(
         images = batch["images"].index_select(0, idx).float()
         recon = reconstruct(vae, images.to(device), schedule).cpu().float()
         l1_sum += (recon - images).abs().mean((1, 2, 3)).sum().item()
-        mse_sum += ((recon - images) / 2).pow(2).mean((1, 2, 3)).clamp_min(1e-10).log10().sum().item()
+        log10_mse_sum += ((recon - images) / 2).pow(2).mean((1, 2, 3)).clamp_min(1e-10).log10().sum().item()
         for j, i in enumerate(idx.tolist()):
             meta = batch["meta"][i]
             words, polygons = list(meta.get("words") or []), list(meta.get("polygons") or [])
@@ -79,7 +79,7 @@ def evaluate_reconstructions(
         raise ValueError("the eval set yielded no valid images")
     metrics: dict[str, float | int | None] = {"recon_images": done, "recon_l1": l1_sum / done}
     # PSNR of [0, 1] images, averaged per image in dB.
-    metrics["recon_psnr"] = -10.0 * mse_sum / done
+    metrics["recon_psnr"] = -10.0 * log10_mse_sum / done
     for prefix, acc in ocr.items():
         metrics.update(acc.compute(prefix))
     if out_dir is not None and shown["captions"]:
