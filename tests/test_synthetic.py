@@ -107,6 +107,26 @@ def test_photo_backgrounds_and_unreadable_photos(tmp_path, caplog):
         generate_synthetic_shards(tmp_path / "out2", 4, 64, backgrounds=tmp_path / "none", progress=False)
 
 
+
+def test_background_kinds_option(tmp_path):
+    """Restricting the generated backgrounds keeps scenes deterministic, reaches the manifest and the CLI."""
+    kinds = {make_scene(0, i, "64x128", background_kinds=["gradient"])["meta"]["background"] for i in range(12)}
+    assert kinds == {"gradient"}
+    default = [make_scene(0, i, "64x128")["meta"]["background"] for i in range(12)]
+    assert len(set(default)) > 1  # the default still draws every kind
+    a = make_scene(0, 5, "64x128", background_kinds=["noise", "shapes"])
+    b = make_scene(0, 5, "64x128", background_kinds=["noise", "shapes"])
+    assert a["meta"]["background"] in {"noise", "shapes"} and a["meta"] == b["meta"]
+    for bad in (["marble"], []):
+        with pytest.raises(ValueError, match="background kinds"):
+            make_scene(0, 0, "64x128", background_kinds=bad)
+    manifest = generate_synthetic_shards(tmp_path / "g", 3, "64x128", background_kinds=["gradient"], progress=False)
+    assert manifest["generator"]["background_kinds"] == ["gradient"]
+    out = tmp_path / "cli"
+    argv = ["--out", str(out), "--num", "2", "--size", "64x128", "--no-progress", "--background-kinds", "gradient"]
+    assert main(argv) == 0
+    assert read_manifest(out)["generator"]["background_kinds"] == ["gradient"]
+
 def _read_all(shard_dir):
     ds = wds.WebDataset(list_shards(shard_dir), shardshuffle=False, empty_check=False).decode("pil")
     return list(ds)
@@ -288,3 +308,15 @@ def test_package_reexports_resolve():
 
     assert sorted(data.__all__) == sorted(data._EXPORTS)
     assert all(getattr(data, name) is not None for name in data.__all__)
+
+
+def test_synthetic_datamodule_caches_per_background_kinds(tmp_path):
+    """The Hydra data target generates one cached shard set per background choice."""
+    from scenetxtvar.training.run import synthetic_datamodule
+
+    args = dict(cache_dir=str(tmp_path), num_train=2, num_val=0, size="64x128", seed=0, workers=0, conditions=["glyph"])
+    synthetic_datamodule(**args)
+    synthetic_datamodule(**args, background_kinds=["gradient"])
+    dirs = sorted(p.name for p in tmp_path.iterdir())
+    assert dirs == ["train-2-64x128-w1-3-s0-glyph", "train-2-64x128-w1-3-s0-glyph-bg_gradient"]
+    assert read_manifest(tmp_path / dirs[1])["generator"]["background_kinds"] == ["gradient"]

@@ -10,7 +10,8 @@ warp, same polygon clip), so it coincides with the text in the image pixel for p
 Sample ``i`` depends only on ``(seed, i)``: shards are byte-identical whatever the number of workers.
 
 CLI: ``python -m scenetxtvar.data.synthetic --out DIR --num N --size 256 --seed S [--workers W]``
-``[--shard-size K] [--min-words 1 --max-words 3] [--conditions glyph canny] [--backgrounds DIR]``.
+``[--shard-size K] [--min-words 1 --max-words 3] [--conditions glyph canny] [--backgrounds DIR]``
+``[--background-kinds gradient noise shapes]``.
 """
 
 from __future__ import annotations
@@ -204,12 +205,30 @@ def _photo(rng: np.random.Generator, h: int, w: int, path: str) -> np.ndarray:
     return np.asarray(im.crop((x, y, x + w, y + h)), np.float32) / 255.0
 
 
+def check_background_kinds(kinds: Sequence[str] | None) -> tuple[str, ...]:
+    """The generated background kinds to draw from (all of ``BACKGROUND_KINDS`` for None); bad names raise."""
+    if kinds is None:
+        return BACKGROUND_KINDS
+    kinds = tuple(str(k) for k in kinds)
+    bad = [k for k in kinds if k not in BACKGROUND_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"background kinds must be a non-empty subset of {BACKGROUND_KINDS}, got {list(kinds)}")
+    return kinds
+
+
 def make_background(
-    rng: np.random.Generator, size: tuple[int, int], photos: Sequence[str] | None = None
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    photos: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, str]:
-    """A float32 (H, W, 3) background in [0, 1] and its kind (gradient / noise / shapes / photo)."""
+    """A float32 (H, W, 3) background in [0, 1] and its kind (gradient / noise / shapes / photo).
+
+    ``kinds`` restricts the generated kinds (default: all); photos, when given, are one more kind.
+    """
     h, w = size
-    kinds = [*BACKGROUND_KINDS, "photo"] if photos else list(BACKGROUND_KINDS)
+    generated = list(check_background_kinds(kinds))
+    kinds = [*generated, "photo"] if photos else generated
     kind = kinds[int(rng.integers(len(kinds)))]
     if kind == "photo":
         path = photos[int(rng.integers(len(photos)))]
@@ -323,10 +342,12 @@ def make_scene(
     fonts: Sequence[FontSpec] | None = None,
     photos: Sequence[str] | None = None,
     glyph_font: str | os.PathLike | FontSpec | None = None,
+    background_kinds: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Scene ``index`` of seed ``rng_seed``: ``dict(image=PIL RGB, glyph=PIL L, caption=str, meta=dict, ...)``.
 
-    Extra conditions (``canny``) are added under their names. Deterministic in (rng_seed, index, args).
+    Extra conditions (``canny``) are added under their names; ``background_kinds`` restricts the generated
+    backgrounds (e.g. ``["gradient"]``). Deterministic in (rng_seed, index, args).
     """
     h, w = parse_size(size)
     if not 1 <= min_words <= max_words:
@@ -339,7 +360,7 @@ def make_scene(
     fonts = list(fonts) if fonts else scene_fonts()
     rng = np.random.default_rng([rng_seed, index])
 
-    img, bg_kind = make_background(rng, (h, w), photos)
+    img, bg_kind = make_background(rng, (h, w), photos, background_kinds)
     n_words = int(rng.integers(min_words, max_words + 1))
     short = min(h, w)
     lo_px = max(MIN_TEXT_PX + 2, 0.075 * short)
@@ -427,6 +448,7 @@ def _encode_chunk(task: tuple[int, int, dict[str, Any]]) -> list[dict[str, Any]]
             params["fonts"],
             params["photos"],
             params["glyph_font"],
+            params["background_kinds"],
         )
         scene["__key__"] = sample_key(i)
         out.append(encode_sample(scene, conditions, params["image_ext"]))
@@ -451,6 +473,7 @@ def generate_synthetic_shards(
     backgrounds: str | os.PathLike | None = None,
     glyph_font: str | None = None,
     chunk_size: int = 8,
+    background_kinds: Sequence[str] | None = None,
     progress: bool = True,
     overwrite: bool = False,
 ) -> dict[str, Any]:
@@ -474,6 +497,7 @@ def generate_synthetic_shards(
         raise ValueError(f"need 1 <= min_words <= max_words, got {min_words}, {max_words}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    kinds = list(check_background_kinds(background_kinds))
     fonts = scene_fonts()
     photos = list_photos(backgrounds) if backgrounds else None
     params = {
@@ -486,6 +510,7 @@ def generate_synthetic_shards(
         "photos": photos,
         "glyph_font": glyph_font,
         "image_ext": image_ext,
+        "background_kinds": kinds,
     }
     generator = {
         "name": "scenetxtvar.data.synthetic",
@@ -497,6 +522,7 @@ def generate_synthetic_shards(
         "fonts": [f.name for f in fonts],
         "backgrounds": os.fspath(backgrounds) if backgrounds else None,
         "num_photos": len(photos) if photos else 0,
+        "background_kinds": kinds,
         "glyph_font": glyph_font,
         "glyph": "exact text coverage" if glyph_font is None else "rendered from polygons",
     }
@@ -550,6 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--conditions", nargs="+", default=["glyph"], choices=SUPPORTED_CONDITIONS)
     ap.add_argument("--image-ext", default="png", choices=("png", "jpg", "webp"))
     ap.add_argument("--backgrounds", default=None, help="folder of photos to use as backgrounds too")
+    ap.add_argument(
+        "--background-kinds", nargs="+", default=None, choices=BACKGROUND_KINDS, help="generated backgrounds to use"
+    )
     ap.add_argument("--glyph-font", default=None, help="render glyph controls with this font instead of exact coverage")
     ap.add_argument("--chunk-size", type=int, default=8)
     ap.add_argument("--overwrite", action="store_true", help="replace an existing shard set in --out")
@@ -571,6 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.backgrounds,
             args.glyph_font,
             args.chunk_size,
+            background_kinds=args.background_kinds,
             progress=not args.no_progress,
             overwrite=args.overwrite,
         )

@@ -35,17 +35,26 @@ def synthetic_datamodule(
     conditions: list[str],
     min_words: int = 1,
     max_words: int = 3,
+    background_kinds: list[str] | None = None,
     **datamodule_kwargs: Any,
 ):
-    """Generate the embedded synthetic shards on first use (cached), then stream them."""
+    """Generate the embedded synthetic shards on first use (cached), then stream them.
+
+    ``background_kinds`` restricts the generated backgrounds (None: all kinds); it is part of the cache key.
+    """
     from ..data.datamodule import SceneTextDataModule
-    from ..data.synthetic import generate_synthetic_shards
+    from ..data.synthetic import check_background_kinds, generate_synthetic_shards
 
     size_tag = "x".join(map(str, size)) if isinstance(size, (list, tuple)) else str(size)
     tag = f"{size_tag}-w{min_words}-{max_words}-s{seed}-{'_'.join(conditions)}"
+    if background_kinds is not None:
+        kinds = list(check_background_kinds(background_kinds))
+        tag += f"-bg_{'_'.join(kinds)}"
     splits = {"train": (num_train, seed), "val": (num_val, seed + 10_000)}
     dirs = {}
     for split, (num, split_seed) in splits.items():
+        if num == 0:  # data.num_val=0: no validation split
+            continue
         out = Path(cache_dir) / f"{split}-{num}-{tag}"
         if not (out / "manifest.json").exists():
             logger.info("generating %d synthetic %s samples into %s", num, split, out)
@@ -58,13 +67,14 @@ def synthetic_datamodule(
                 conditions=conditions,
                 min_words=min_words,
                 max_words=max_words,
+                background_kinds=background_kinds,
                 shard_size=max(8, num // 4),
                 overwrite=True,
             )
         dirs[split] = str(out)
     return SceneTextDataModule(
         train_shards=dirs["train"],
-        val_shards=dirs["val"] if num_val else None,
+        val_shards=dirs.get("val"),
         conditions=conditions,
         seed=seed,
         **datamodule_kwargs,
