@@ -107,7 +107,6 @@ def test_photo_backgrounds_and_unreadable_photos(tmp_path, caplog):
         generate_synthetic_shards(tmp_path / "out2", 4, 64, backgrounds=tmp_path / "none", progress=False)
 
 
-
 def test_background_kinds_option(tmp_path):
     """Restricting the generated backgrounds keeps scenes deterministic, reaches the manifest and the CLI."""
     kinds = {make_scene(0, i, "64x128", background_kinds=["gradient"])["meta"]["background"] for i in range(12)}
@@ -126,6 +125,7 @@ def test_background_kinds_option(tmp_path):
     argv = ["--out", str(out), "--num", "2", "--size", "64x128", "--no-progress", "--background-kinds", "gradient"]
     assert main(argv) == 0
     assert read_manifest(out)["generator"]["background_kinds"] == ["gradient"]
+
 
 def _read_all(shard_dir):
     ds = wds.WebDataset(list_shards(shard_dir), shardshuffle=False, empty_check=False).decode("pil")
