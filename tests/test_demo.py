@@ -17,7 +17,7 @@ def test_profiles_compose_and_full_inherits_quick() -> None:
     quick, full = load_profile("quick"), load_profile("full")
     assert "stage=car" not in quick.common and "model=demo" in quick.common
     # full replaces the budgets it names and keeps the rest of quick.
-    assert "trainer.max_steps=2000" in full.tokenizer and "trainer.max_steps=500" in quick.tokenizer
+    assert "trainer.max_steps=7000" in full.tokenizer and "trainer.max_steps=2000" in quick.tokenizer
     assert [o for o in full.tokenizer if o.startswith("tokenizer_stage.")] == [
         o for o in quick.tokenizer if o.startswith("tokenizer_stage.")
     ]
