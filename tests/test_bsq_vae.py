@@ -474,3 +474,28 @@ def test_norm_groups_shape_the_norms_and_travel_in_the_export_metadata(tmp_path:
     assert load_bsq_vae(plain, norm_groups=2).config == cfg
     # An explicit override wins over the metadata.
     assert load_bsq_vae(path, norm_groups=1).config.norm_groups == 1
+
+
+def test_norm_free_tokenizer_has_no_norm_weights_and_round_trips(tmp_path: Path) -> None:
+    """norm_groups=0 drops every GroupNorm; exports load back as norm-free, with or without metadata."""
+    from scenetxtvar.training.tokenizer_stage import export_tokenizer
+
+    cfg = BSQVAEConfig(base_ch=8, ch_mult=(1, 1, 2, 2), num_res_blocks=1, patch_size=8, codebook_dim=8, norm_groups=0)
+    torch.manual_seed(0)
+    model = BSQVAE(cfg).eval()
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert not any(".norm" in k for k in model.state_dict())
+    img = torch.rand(2, 3, 32, 64) * 2 - 1
+    grids = [(1, 1), (2, 4), (4, 8)]
+    with torch.no_grad():
+        want = model.decode(model.encode(img, grids)[0])
+    path = export_tokenizer(model, tmp_path / "export")
+    plain = tmp_path / "plain.safetensors"  # no metadata: the missing norm weights say "norm-free"
+    save_file(
+        {k: v.clone().contiguous() for k, v in model.state_dict().items() if not k.startswith("quantize.")}, str(plain)
+    )
+    for source in (path, plain):
+        loaded = load_bsq_vae(source)
+        assert loaded.config == cfg
+        with torch.no_grad():
+            assert torch.equal(loaded.decode(loaded.encode(img, grids)[0]), want)

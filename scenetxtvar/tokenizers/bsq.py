@@ -46,7 +46,9 @@ ScheduleLike = Sequence[Sequence[int]]
 
 
 def _num_groups(channels: int, groups: int | None = None) -> int:
-    """GroupNorm groups: ``groups`` when given, else the official ``Normalize``'s 32, else 24."""
+    """GroupNorm groups: ``groups`` when given (0: no normalisation), else the official 32, else 24."""
+    if groups == 0:
+        return 0
     if groups is not None:
         if groups < 1 or channels % groups:
             raise ValueError(f"norm_groups={groups} must be >= 1 and divide every width, got width {channels}")
@@ -72,8 +74,10 @@ class BSQVAEConfig:
     # None = same as ch_mult (every released VAE); the official builder takes both separately.
     decoder_ch_mult: tuple[int, ...] | None = None
     # GroupNorm groups; None = the official 32 (or 24). Small tokenizers train far faster with fewer,
-    # wider groups: one channel per group normalises away each channel's per-image level (its colour).
-    # Not visible in a state dict: exports carry it in their metadata (see ``load_bsq_vae``).
+    # wider groups (one channel per group normalises away each channel's per-image level, its colour),
+    # and faster still with none: 0 drops the norms (identity, no parameters), which also tolerates a
+    # higher learning rate (64x128 demo, 1400 steps: recon Sen.ACC 0.31 vs 0.17 with 1 group).
+    # A group count is not visible in a state dict: exports carry it in their metadata (``load_bsq_vae``).
     norm_groups: int | None = None
 
     def __post_init__(self) -> None:
@@ -128,11 +132,15 @@ class Conv(nn.Module):
 
 
 class Normalize(nn.Module):
-    """GroupNorm (32 groups, or 24 when 32 does not divide, or ``groups``), eps 1e-6, behind ``.norm``."""
+    """GroupNorm (32 groups, or 24 when 32 does not divide, or ``groups``), eps 1e-6, behind ``.norm``.
+
+    ``groups=0``: no normalisation (an identity without parameters).
+    """
 
     def __init__(self, channels: int, groups: int | None = None) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(_num_groups(channels, groups), channels, eps=1e-6, affine=True)
+        n = _num_groups(channels, groups)
+        self.norm = nn.GroupNorm(n, channels, eps=1e-6, affine=True) if n else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the norm."""
@@ -526,7 +534,11 @@ def _mult(widths: dict[int, int], base: int, what: str) -> tuple[int, ...]:
 
 
 def detect_config(state_dict: Mapping[str, Tensor], norm_groups: int | None = None) -> BSQVAEConfig:
-    """Infer the architecture from a (wrapped-name) state dict's shapes (``norm_groups``: not in the shapes)."""
+    """Infer the architecture from a (wrapped-name) state dict's shapes.
+
+    ``norm_groups`` is not in the shapes: pass it (from metadata); a state dict without any norm weights
+    is norm-free (0).
+    """
     for key in ("encoder.conv_in.conv.weight", "encoder.conv_out.conv.weight"):
         if key not in state_dict:
             raise ValueError(f"cannot detect the BSQ-VAE architecture: {key!r} is missing")
@@ -538,6 +550,8 @@ def detect_config(state_dict: Mapping[str, Tensor], norm_groups: int | None = No
     dec_mult = _mult(_level_widths(state_dict, "decoder", "up"), base, "decoder")
     blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"^encoder\.down\.0\.block\.(\d+)\.", k))}
     downs = sum(1 for k in state_dict if re.match(r"^encoder\.down\.\d+\.downsample\.conv\.conv\.weight$", k))
+    if norm_groups is None and not any(re.search(r"\.norm(?:1|2|_out)\.norm\.", k) for k in state_dict):
+        norm_groups = 0
     return BSQVAEConfig(
         base_ch=base,
         ch_mult=enc_mult,
