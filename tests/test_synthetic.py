@@ -320,3 +320,5 @@ def test_synthetic_datamodule_caches_per_background_kinds(tmp_path):
     dirs = sorted(p.name for p in tmp_path.iterdir())
     assert dirs == ["train-2-64x128-w1-3-s0-glyph", "train-2-64x128-w1-3-s0-glyph-bg_gradient"]
     assert read_manifest(tmp_path / dirs[1])["generator"]["background_kinds"] == ["gradient"]
+    with pytest.raises(ValueError, match="num must be >= 1"):  # only the val split is optional
+        synthetic_datamodule(**{**args, "num_train": 0})

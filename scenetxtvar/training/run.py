@@ -53,7 +53,7 @@ def synthetic_datamodule(
     splits = {"train": (num_train, seed), "val": (num_val, seed + 10_000)}
     dirs = {}
     for split, (num, split_seed) in splits.items():
-        if num == 0:  # data.num_val=0: no validation split
+        if split == "val" and num == 0:  # data.num_val=0: no validation split (num_train=0 fails below)
             continue
         out = Path(cache_dir) / f"{split}-{num}-{tag}"
         if not (out / "manifest.json").exists():
