@@ -29,7 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-PROFILES = ("quick", "full")
 logger = logging.getLogger("scenetxtvar.demo")
 
 
@@ -45,11 +44,16 @@ def merge_overrides(*lists: list[str]) -> list[str]:
     return list(merged.values())
 
 
+def profiles() -> list[str]:
+    """The profile names: ``conf/demo/<name>.yaml`` (``quick`` and ``full`` ship; add your own beside them)."""
+    return sorted(p.stem for p in (CONF / "demo").glob("*.yaml"))
+
+
 def load_profile(name: str) -> DictConfig:
     """``conf/demo/<name>.yaml``: override lists per stage; ``inherit: other`` starts from another profile."""
     path = CONF / "demo" / f"{name}.yaml"
     if not path.exists():
-        raise ValueError(f"unknown demo profile {name!r}: choose from {PROFILES}")
+        raise ValueError(f"unknown demo profile {name!r}: choose from {profiles()} (conf/demo/*.yaml)")
     profile = OmegaConf.load(path)
     parent = profile.pop("inherit", None)
     if parent is None:
@@ -99,13 +103,26 @@ def check_tokenizer(tokenizer_path: Path, cfg: DictConfig, eval_seed: int, num_i
     return evaluate_reconstructions(vae, dm.val_dataloader(), schedule, num_images=num_images, out_dir=out_dir)
 
 
+def reused(weights: str) -> dict[str, Any]:
+    """A stage result standing for an earlier run's export (``--tokenizer`` / ``--base``)."""
+    export_dir = Path(weights).resolve().parent
+    return {"export_dir": str(export_dir), "run_dir": str(export_dir.parent), "global_step": None}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the demo; returns (and writes) the summary."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for conf/train.yaml, applied to every stage")
-    parser.add_argument("--profile", default="quick", choices=PROFILES, help="budgets: conf/demo/<profile>.yaml")
+    parser.add_argument("--profile", default="quick", help=f"budgets: conf/demo/<profile>.yaml, one of {profiles()}")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "demo"))
+    parser.add_argument("--tokenizer", help="reuse this trained tokenizer.safetensors (skips stage=tokenizer)")
+    parser.add_argument("--base", help="reuse this trained base.safetensors (skips stage=base; needs --tokenizer)")
     args = parser.parse_args(argv)
+    if args.base and not args.tokenizer:
+        parser.error("--base needs the --tokenizer it was trained over")
+    for given in (args.tokenizer, args.base):
+        if given and not Path(given).is_file():
+            parser.error(f"no such file: {given}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     profile = load_profile(args.profile)
     out = Path(args.out) / time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -119,9 +136,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         times[name] = round((time.time() - start) / 60, 2)
         return result
 
-    logger.info("1/4 stage=tokenizer: a BSQ-VAE on single-word 64x128 scenes (%s)", out / "tokenizer")
-    tok = timed("tokenizer", train_stage, "tokenizer", profile, out / "tokenizer", [], extra)
-    tokenizer_path = Path(tok["export_dir"]) / "tokenizer.safetensors"
+    if args.tokenizer:
+        logger.info("1/4 stage=tokenizer: reusing %s", args.tokenizer)
+        tok = reused(args.tokenizer)
+    else:
+        logger.info("1/4 stage=tokenizer: a BSQ-VAE on single-word 64x128 scenes (%s)", out / "tokenizer")
+        tok = timed("tokenizer", train_stage, "tokenizer", profile, out / "tokenizer", [], extra)
+    tokenizer_path = Path(args.tokenizer or Path(tok["export_dir"]) / "tokenizer.safetensors").resolve()
     base_inputs = [f"vae.build.path={tokenizer_path}"]
     eval_cfg = compose_app("train", merge_overrides(_list(profile, "common"), extra))
     recon = timed(
@@ -134,9 +155,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out / "tokenizer" / "reconstructions",
     )
 
-    logger.info("2/4 stage=base: Infinity over the trained tokenizer (%s)", out / "base")
-    base = timed("base", train_stage, "base", profile, out / "base", base_inputs, extra)
-    base_path = Path(base["export_dir"]) / "base.safetensors"
+    if args.base:
+        logger.info("2/4 stage=base: reusing %s", args.base)
+        base = reused(args.base)
+    else:
+        logger.info("2/4 stage=base: Infinity over the trained tokenizer (%s)", out / "base")
+        base = timed("base", train_stage, "base", profile, out / "base", base_inputs, extra)
+    base_path = Path(args.base or Path(base["export_dir"]) / "base.safetensors").resolve()
     car_inputs = [*base_inputs, f"model.build.base_weights={base_path}"]
 
     logger.info("3/4 stage=car: the glyph control branch on the frozen base (%s)", out / "car")

@@ -119,3 +119,36 @@ def test_demo_runs_the_three_stages_then_evaluates(tmp_path: Path) -> None:
     assert list((runs["car"] / "wandb").glob("offline-run-*/run-*.wandb"))
     written = json.loads((Path(summary["out"]) / "demo_summary.json").read_text())
     assert written["steps"] == summary["steps"] and set(written["minutes"]) >= {"tokenizer", "base", "car", "total"}
+
+    # --tokenizer/--base reuse the first run's exports: only the CAR stage trains, the evaluation reruns.
+    reused = main(
+        [
+            "--out",
+            str(tmp_path / "again"),
+            "--tokenizer",
+            str(runs["tokenizer"] / "export" / "tokenizer.safetensors"),
+            "--base",
+            str(runs["base"] / "export" / "base.safetensors"),
+            f"paths.cache_dir={tmp_path}/cache",
+            "trainer.max_steps=2",
+            "data.num_train=16",
+            "data.num_val=8",
+            "data.val_samples=8",
+            "callbacks.checkpoint.every_n_train_steps=2",
+            "callbacks.drift.every_n_steps=1",
+            "callbacks.panels.every_n_steps=2",
+        ]
+    )
+    assert reused["steps"] == {"tokenizer": None, "base": None, "car": 2}
+    assert reused["run_dirs"]["base"] == str(runs["base"]) and "tokenizer" not in reused["minutes"]
+    assert Path(reused["run_dirs"]["car"]).parent == Path(reused["out"])
+    assert json.loads((Path(reused["run_dirs"]["eval"]) / "metrics.json").read_text())["num_images"] == 8
+
+
+def test_demo_refuses_reuse_it_cannot_honour(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--base", str(tmp_path / "base.safetensors")])
+    assert "--base needs the --tokenizer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--tokenizer", str(tmp_path / "missing.safetensors")])
+    assert "no such file" in capsys.readouterr().err
