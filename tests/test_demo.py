@@ -82,6 +82,18 @@ def test_reconstruction_check_scores_reconstructions_like_the_originals(tmp_path
     assert random["recon_sen_acc"] == 0.0 and random["recon_l1"] > 0.1 and random["gt_sen_acc"] >= 0.75
 
 
+# Smoke-size overrides for every stage of a demo run.
+SMOKE = [
+    "trainer.max_steps=2",
+    "data.num_train=16",
+    "data.num_val=8",
+    "data.val_samples=8",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "callbacks.drift.every_n_steps=1",
+    "callbacks.panels.every_n_steps=2",
+]
+
+
 @pytest.mark.slow
 def test_demo_runs_the_three_stages_then_evaluates(tmp_path: Path) -> None:
     summary = main(
@@ -89,13 +101,7 @@ def test_demo_runs_the_three_stages_then_evaluates(tmp_path: Path) -> None:
             "--out",
             str(tmp_path),
             f"paths.cache_dir={tmp_path}/cache",
-            "trainer.max_steps=2",
-            "data.num_train=16",
-            "data.num_val=8",
-            "data.val_samples=8",
-            "callbacks.checkpoint.every_n_train_steps=2",
-            "callbacks.drift.every_n_steps=1",
-            "callbacks.panels.every_n_steps=2",
+            *SMOKE,
         ]
     )
     assert summary["steps"] == {"tokenizer": 2, "base": 2, "car": 2}
@@ -130,13 +136,7 @@ def test_demo_runs_the_three_stages_then_evaluates(tmp_path: Path) -> None:
             "--base",
             str(runs["base"] / "export" / "base.safetensors"),
             f"paths.cache_dir={tmp_path}/cache",
-            "trainer.max_steps=2",
-            "data.num_train=16",
-            "data.num_val=8",
-            "data.val_samples=8",
-            "callbacks.checkpoint.every_n_train_steps=2",
-            "callbacks.drift.every_n_steps=1",
-            "callbacks.panels.every_n_steps=2",
+            *SMOKE,
         ]
     )
     assert reused["steps"] == {"tokenizer": None, "base": None, "car": 2}
