@@ -136,13 +136,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         times[name] = round((time.time() - start) / 60, 2)
         return result
 
-    if args.tokenizer:
-        logger.info("1/4 stage=tokenizer: reusing %s", args.tokenizer)
-        tok = reused(args.tokenizer)
-    else:
-        logger.info("1/4 stage=tokenizer: a BSQ-VAE on single-word 64x128 scenes (%s)", out / "tokenizer")
-        tok = timed("tokenizer", train_stage, "tokenizer", profile, out / "tokenizer", [], extra)
-    tokenizer_path = Path(args.tokenizer or Path(tok["export_dir"]) / "tokenizer.safetensors").resolve()
+    def stage(name: str, step: str, what: str, reuse: str | None, inputs: list[str], weights: str):
+        """Train stage ``name`` into ``out/name`` -- or reuse ``reuse`` -> (stage result, weights path)."""
+        if reuse:
+            logger.info("%s stage=%s: reusing %s", step, name, reuse)
+            return reused(reuse), Path(reuse).resolve()
+        logger.info("%s stage=%s: %s (%s)", step, name, what, out / name)
+        result = timed(name, train_stage, name, profile, out / name, inputs, extra)
+        return result, Path(result["export_dir"]) / weights
+
+    from .training.base_stage import BASE_EXPORT
+    from .training.tokenizer_stage import TOKENIZER_WEIGHTS
+
+    tok, tokenizer_path = stage(
+        "tokenizer", "1/4", "a BSQ-VAE on single-word 64x128 scenes", args.tokenizer, [], TOKENIZER_WEIGHTS
+    )
     base_inputs = [f"vae.build.path={tokenizer_path}"]
     eval_cfg = compose_app("train", merge_overrides(_list(profile, "common"), extra))
     recon = timed(
@@ -155,13 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out / "tokenizer" / "reconstructions",
     )
 
-    if args.base:
-        logger.info("2/4 stage=base: reusing %s", args.base)
-        base = reused(args.base)
-    else:
-        logger.info("2/4 stage=base: Infinity over the trained tokenizer (%s)", out / "base")
-        base = timed("base", train_stage, "base", profile, out / "base", base_inputs, extra)
-    base_path = Path(args.base or Path(base["export_dir"]) / "base.safetensors").resolve()
+    base, base_path = stage("base", "2/4", "Infinity over the trained tokenizer", args.base, base_inputs, BASE_EXPORT)
     car_inputs = [*base_inputs, f"model.build.base_weights={base_path}"]
 
     logger.info("3/4 stage=car: the glyph control branch on the frozen base (%s)", out / "car")
