@@ -28,7 +28,7 @@ test: setup  ## run the test suite (CPU; gpu tests skip themselves)
 test-fast: setup  ## the suite without tests marked slow
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: setup  ## tokenizer -> base -> CAR stages on synthetic scenes, then evaluate (~15 CPU minutes)
+demo: setup  ## tokenizer -> base -> CAR stages on synthetic scenes, then evaluate (~13 CPU minutes)
 	$(BIN)/python -m scenetxtvar.demo --profile quick
 
 demo-full: setup  ## the same with the budgets that aim at the legibility targets (~35 CPU minutes)
@@ -42,6 +42,7 @@ bench: setup  ## benchmark scripts -> benchmarks/results/*.json + summary.md (ta
 	@mkdir -p benchmarks/results
 	$(BIN)/python benchmarks/bench_infer.py --out benchmarks/results/bench_infer.json
 	$(BIN)/python benchmarks/bench_tokenizer.py --out benchmarks/results/bench_tokenizer.json
+	$(BIN)/python benchmarks/bench_tokenizer_train.py --out benchmarks/results/bench_tokenizer_train.json
 	$(BIN)/python benchmarks/bench_pilot.py --out benchmarks/results/bench_pilot.json
 	$(BIN)/python benchmarks/bench_train.py --out benchmarks/results/bench_train.json
 	$(BIN)/python benchmarks/bench_data.py --out benchmarks/results/bench_data.json

@@ -176,3 +176,50 @@ def test_stage_resume_equals_an_uninterrupted_run(tmp_path, cache_dir, tokenizer
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # The resumed run trained on: its weights are not the 2-step ones the first part exported then.
     assert any(not torch.equal(a[k], half[k]) for k in a if a[k].is_floating_point())
+
+
+def test_channels_last_tokenizer_loss_and_gradients_match_the_contiguous_ones():
+    """channels-last is a memory layout only: same loss and same gradients as NCHW."""
+    from scenetxtvar.training.tokenizer_stage import TokenizerModule
+
+    vae = dict(kind="bsq", seed=0, base_ch=16, ch_mult=[1, 1, 2, 2], num_res_blocks=1, patch_size=8, codebook_dim=32)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "images": torch.rand(2, 3, 64, 128, generator=g) * 2 - 1,
+        "controls": (torch.rand(2, 3, 64, 128, generator=g) > 0.9).float(),
+        "captions": ["a", "b"],
+    }
+    sched, results = [(1, 1), (2, 4), (8, 16)], []
+    for channels_last in (True, False):
+        module = TokenizerModule({**vae, "norm_groups": 0}, schedule=sched, channels_last=channels_last)
+        loss = module.compute_loss(batch)["loss"]
+        loss.backward()
+        results.append((loss.detach(), module.vae.encoder.conv_in.conv.weight.grad))
+    (loss_cl, grad_cl), (loss_nchw, grad_nchw) = results
+    assert torch.allclose(loss_cl, loss_nchw, atol=1e-5)
+    assert torch.allclose(grad_cl, grad_nchw, atol=1e-5, rtol=1e-4)
+
+
+def test_tokenizer_stage_trains_under_bf16_autocast(tmp_path, cache_dir):
+    """trainer.precision=bf16-mixed (what auto-bf16 picks on a CPU with native bf16) trains and exports fp32."""
+    from scenetxtvar.tokenizers import load_bsq_vae
+    from scenetxtvar.training.run import run
+
+    result = run(make_cfg(tmp_path, cache_dir, "stage=tokenizer", "trainer.precision=bf16-mixed"))
+    weights = load_file(Path(result["export_dir"]) / "tokenizer.safetensors")
+    floats = [v for v in weights.values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 and v.isfinite().all() for v in floats)
+    assert load_bsq_vae(Path(result["export_dir"]) / "tokenizer.safetensors").patch_size == 8
+
+
+def test_precision_auto_bf16_follows_the_hardware(monkeypatch):
+    from scenetxtvar.training import run as run_module
+
+    monkeypatch.setattr(run_module.torch.cuda, "is_available", lambda: False)
+    for native, expected in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(run_module, "cpu_has_fast_bf16", lambda native=native: native)
+        assert run_module.resolve_precision("auto-bf16") == expected
+        assert run_module.resolve_precision("auto") == "32-true"  # a small transformer gains nothing on CPU
+    assert run_module.resolve_precision("16-mixed") == "16-mixed"
+    monkeypatch.setattr(run_module.torch.cuda, "is_available", lambda: True)
+    assert run_module.resolve_precision("auto-bf16") == run_module.resolve_precision("auto") == "bf16-mixed"

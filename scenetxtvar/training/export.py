@@ -40,32 +40,23 @@ def export_car(model, directory: str | os.PathLike, write: bool = True) -> Path 
     return directory
 
 
-class CarExportCallback(L.Callback):
-    """Export the CAR branch whenever a checkpoint is saved and when training ends."""
+class _ExportOnCheckpoint(L.Callback):
+    """Write a stage's weights whenever a checkpoint is saved and when training ends, once per step."""
 
     def __init__(self, export_dir: str | os.PathLike) -> None:
         self.export_dir = Path(export_dir)
+        self._exported_step: int | None = None
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        raise NotImplementedError
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = export_car(pl_module.model, self.export_dir, write=trainer.is_global_zero)
-        if path is not None:
-            logger.info("exported CAR weights to %s (step %d)", path, trainer.global_step)
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._export(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._export(trainer, pl_module)
-
-
-class StageExportCallback(L.Callback):
-    """Export a non-CAR stage's weights (``pl_module.export(directory, write)``) on checkpoints and at the end."""
-
-    def __init__(self, export_dir: str | os.PathLike) -> None:
-        self.export_dir = Path(export_dir)
-
-    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = pl_module.export(self.export_dir, write=trainer.is_global_zero)
+        # A save writes several checkpoints (the step's and last.ckpt), and training may end on a saved
+        # step: the weights are the same, so write them once. The step is the same on every rank.
+        if self._exported_step == trainer.global_step:
+            return
+        self._exported_step = trainer.global_step
+        path = self.write(trainer, pl_module)
         if path is not None:
             logger.info("exported %s (step %d)", path, trainer.global_step)
 
@@ -74,6 +65,20 @@ class StageExportCallback(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._export(trainer, pl_module)
+
+
+class CarExportCallback(_ExportOnCheckpoint):
+    """Export the CAR branch (every rank takes part under FSDP2; rank 0 writes)."""
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        return export_car(pl_module.model, self.export_dir, write=trainer.is_global_zero)
+
+
+class StageExportCallback(_ExportOnCheckpoint):
+    """Export a non-CAR stage's weights through ``pl_module.export(directory, write)``."""
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        return pl_module.export(self.export_dir, write=trainer.is_global_zero)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
