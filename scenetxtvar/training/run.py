@@ -197,7 +197,10 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 / AMX), rather than emulating it."""
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 and up; AMX / AVX512-BF16 make them fast).
+
+    Without them bf16 autocast falls back to slow reference code, so ``auto-bf16`` stays fp32 there.
+    """
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
