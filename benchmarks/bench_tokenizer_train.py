@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from report import emit  # benchmarks/report.py (scripts run from this folder)
 
 from scenetxtvar.training.tokenizer_stage import TokenizerModule
 
-DEMO_VAE = dict(
-    kind="bsq", seed=0, base_ch=16, ch_mult=[1, 1, 2, 2], num_res_blocks=1, patch_size=8, codebook_dim=32, norm_groups=0
-)
+# vae=bsq_demo's architecture, read from the config so the benchmark follows it.
+_BUILD = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "vae" / "bsq_demo.yaml").build
+DEMO_VAE = {k: v for k, v in OmegaConf.to_container(_BUILD).items() if k not in ("path", "seed", "model_overrides")}
 DEMO_SCHEDULE = [(1, 1), (1, 2), (2, 4), (4, 8), (8, 16)]
 
 
