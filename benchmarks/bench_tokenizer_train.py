@@ -71,7 +71,12 @@ def main() -> None:
     base = results[0]["step_s"]
     for row in results:
         row["speedup"] = round(base / row["step_s"], 2)
-    emit(dict(benchmark="bench_tokenizer_train", batch=args.batch, steps=args.steps, device=args.device, results=results), args.out)
+    emit(
+        dict(
+            benchmark="bench_tokenizer_train", batch=args.batch, steps=args.steps, device=args.device, results=results
+        ),
+        args.out,
+    )
 
 
 if __name__ == "__main__":
