@@ -254,7 +254,7 @@ class BitwiseCodes:
             noise_layers=noise_layers,
             generator=generator,
         )
-        return ScaleTargets(t.x_BLC_wo_prefix, t.gt_bits)
+        return ScaleTargets(t.x_BLC_wo_prefix, t.gt_bits, t.scale_bits)
 
     def loss_per_token(self, logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
         """Mean bitwise cross-entropy per token."""

@@ -41,6 +41,8 @@ class ScaleTargets:
 
     x_BLC_wo_prefix: Tensor  # (B, L - 1, d): inputs of scales 1..K-1
     labels: Tensor  # (B, L, d) bits, or (B, L) indices
+    # The clean labels per scale in the sampler's layout (its ``forced``; the sampler's ``gt_ls_Bl``).
+    per_scale: list[Tensor] | None = None
 
 
 class ScaleSampler(Protocol):

@@ -215,6 +215,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "tokenizer_recon_sen_acc": recon.get("recon_sen_acc"),
             "tokenizer_recon_psnr": recon.get("recon_psnr"),
             "eval_images": metrics.get("num_images"),
+            # eval.gt_prefix_scales rows: the same words with the first k scales taken from the ground truth.
+            **{
+                f"sen_acc_{k.removesuffix('_sen_acc')}": v
+                for k, v in metrics.items()
+                if k.startswith("gtprefix") and k.endswith("_sen_acc")
+            },
         },
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))

@@ -459,8 +459,13 @@ def sample_batch(
     controls: Tensor | None,
     seed: int,
     settings: SampleSettings,
+    gt_labels: Sequence[Tensor] | None = None,
 ) -> Tensor:
-    """One sampling call: (B, 3, H, W) float images in [-1, 1] on the CPU; ``controls`` None = the base model."""
+    """One sampling call: (B, 3, H, W) float images in [-1, 1] on the CPU; ``controls`` None = the base model.
+
+    ``gt_labels`` (the first k scales' labels, :attr:`~scenetxtvar.codes.ScaleTargets.per_scale` layout) are
+    taken instead of sampled; the scales after them are sampled as usual.
+    """
     from .models.pilot import build_control_pyramid
 
     device = model_device(model)
@@ -477,6 +482,8 @@ def sample_batch(
         top_p=settings.top_p,
         cfg_insertion_layer=settings.cfg_insertion_layer,
     )
+    if gt_labels:
+        kwargs.update(gt_leak=len(gt_labels), gt_ls_Bl=[t.to(device) for t in gt_labels])
     if controls is not None and settings.use_control:
         if controls.shape[0] != b:
             raise ValueError(f"{controls.shape[0]} controls for {b} prompts")

@@ -48,8 +48,9 @@ def test_sampler_rebuilds_teacher_forcing_input_from_ground_truth_bits():
     codes = BitwiseCodes(8)
     t = codes.targets(feats, BSQ_SCHEDULE)
     _, scale_bits = vae.encode(img, BSQ_SCHEDULE)
+    assert all(torch.equal(a, b) for a, b in zip(t.per_scale, scale_bits, strict=True))  # the sampler's layout
     state = codes.sampler(BSQ_SCHEDULE, 2, "cpu")
-    inputs = [state.step(k, None, forced=bits) for k, bits in enumerate(scale_bits)]
+    inputs = [state.step(k, None, forced=bits) for k, bits in enumerate(t.per_scale)]
     torch.testing.assert_close(torch.cat(inputs[:-1], 1), t.x_BLC_wo_prefix, atol=1e-6, rtol=0)
     assert inputs[-1] is None
     summed, _ = vae.encode(img, BSQ_SCHEDULE)
@@ -64,8 +65,9 @@ def test_sampler_rebuilds_teacher_forcing_input_from_ground_truth_indices(vq):
         t = codes.targets(feats, VQ_SCHEDULE)
         idx = vq.img_to_idxBl(img)
         state = codes.sampler(VQ_SCHEDULE, 2, "cpu")
-        inputs = [state.step(k, None, forced=i) for k, i in enumerate(idx)]
+        inputs = [state.step(k, None, forced=i) for k, i in enumerate(t.per_scale)]
     assert torch.equal(t.labels, torch.cat(idx, 1))
+    assert all(torch.equal(a, b) for a, b in zip(t.per_scale, idx, strict=True))
     torch.testing.assert_close(torch.cat(inputs[:-1], 1), t.x_BLC_wo_prefix, atol=1e-5, rtol=0)
     f_hat = vq.quantize.f_to_idxBl_or_fhat(feats, to_fhat=True)[-1]
     torch.testing.assert_close(state.summed, f_hat, atol=1e-5, rtol=0)

@@ -122,6 +122,7 @@ def test_demo_runs_the_three_stages_then_evaluates(tmp_path: Path) -> None:
     assert metrics["gt_sen_acc"] >= 0.75 and metrics["num_images"] == 8
     assert Path(summary["metrics_table"]).read_text().strip()
     assert summary["metrics"]["gt_sen_acc"] == metrics["gt_sen_acc"]
+    assert summary["metrics"]["sen_acc_gtprefix5"] == metrics["gtprefix5_sen_acc"]  # eval.gt_prefix_scales=[4,5]
     assert list((runs["car"] / "wandb").glob("offline-run-*/run-*.wandb"))
     written = json.loads((Path(summary["out"]) / "demo_summary.json").read_text())
     assert written["steps"] == summary["steps"] and set(written["minutes"]) >= {"tokenizer", "base", "car", "total"}

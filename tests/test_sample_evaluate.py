@@ -192,6 +192,31 @@ def test_checkpoint_that_does_not_match_the_model_is_refused(tmp_path, export_di
         load_model_and_vae(make_cfg("sample", tmp_path, tmp_path, f"ckpt={export_dir}", "condition=glyph_canny"))
 
 
+def test_ground_truth_prefix_scales_sample_the_rest_and_all_of_them_reconstruct(kit):
+    """eval.gt_prefix_scales: with every scale forced the sampler returns the tokenizer's reconstruction."""
+    from scenetxtvar.evaluation.reconstruction import reconstruct
+    from scenetxtvar.evaluation.runner import ground_truth_labels
+    from scenetxtvar.inference import sample_batch
+
+    sched = schedule_for(kit.model, kit.vae, pn="0.06M", h_div_w=1.0)
+    h, w = pixel_size(sched, kit.vae.downsample)
+    gen = torch.Generator().manual_seed(1)
+    batch = {"images": torch.rand(2, 3, h, w, generator=gen) * 2 - 1, "captions": ['a sign "A"', 'a sign "B"']}
+    controls = (torch.rand(2, 3, h, w, generator=gen) > 0.8).float()
+    text = kit.text_encoder.encode(batch["captions"])
+    settings = SampleSettings.from_mapping({"cfg": 1.0, "top_k": 1}, use_control=True)
+    labels = ground_truth_labels(kit.module, batch, sched, len(sched))
+    forced = sample_batch(kit.model, kit.vae, text, sched, controls, 0, settings, gt_labels=labels)
+    with torch.no_grad():
+        recon = reconstruct(kit.vae, batch["images"], sched).clamp(-1, 1)
+    assert torch.allclose(forced, recon, atol=1e-4)
+    sampled = sample_batch(kit.model, kit.vae, text, sched, controls, 0, settings)
+    one = sample_batch(kit.model, kit.vae, text, sched, controls, 0, settings, gt_labels=labels[:1])
+    assert not torch.allclose(one, sampled) and not torch.allclose(one, forced)
+    with pytest.raises(ValueError, match="gt_prefix_scales"):
+        ground_truth_labels(kit.module, batch, sched, len(sched) + 1)
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 
@@ -200,10 +225,14 @@ def test_evaluate_runs_end_to_end_on_an_export(export_dir, tmp_path):
     from scenetxtvar.evaluation import run_evaluation
 
     cfg = make_cfg("evaluate", tmp_path / "eval", tmp_path / "cache", f"ckpt={export_dir}", "num_images=2",
-                   "batch_size=2", "eval.nocontrol=false", "eval.num_examples=0", *FAST)  # fmt: skip
+                   "batch_size=2", "eval.nocontrol=false", "eval.num_examples=0", "eval.gt_prefix_scales=[2]",
+                   *FAST)  # fmt: skip
     metrics = run_evaluation(cfg)
     data = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert data["num_images"] == 2 and data["gt_sen_acc"] >= 0.9 and data["sen_acc"] is not None
+    assert data["gtprefix2_sen_acc"] is not None and data["gtprefix2_glyph_iou"] is not None
+    md = (tmp_path / "eval" / "metrics.md").read_text()
+    assert "| first 2 scales from the ground truth, the rest sampled |" in md
     assert data["nocontrol_sen_acc"] is None and metrics["glyph_iou"] is not None
     assert any("no local Inception weights configured" in n for n in data["notices"])
     assert (tmp_path / "eval" / "metrics.md").is_file()

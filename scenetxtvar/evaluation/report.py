@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,15 @@ OCR_COLUMNS = (
     ("normal cos", "normal_cosine"),
     ("lines", "num_lines"),
 )
+
+
+GT_PREFIX_ROW = re.compile(r"gtprefix(\d+)_sen_acc")
+
+
+def ocr_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The fixed rows, then one per ``eval.gt_prefix_scales`` entry: where along the scales legibility is lost."""
+    ks = sorted(int(m.group(1)) for key in metrics if (m := GT_PREFIX_ROW.fullmatch(key)))
+    return [*OCR_ROWS, *((f"first {k} scales from the ground truth, the rest sampled", f"gtprefix{k}_") for k in ks)]
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -61,9 +71,10 @@ def markdown_report(metrics: Mapping[str, Any], info: Mapping[str, Any], notices
         f"## Text accuracy and control fidelity ({info.get('ocr', 'OCR')})",
         "",
     ]
-    columns = [(label, key) for label, key in OCR_COLUMNS if any(f"{p}{key}" in metrics for _, p in OCR_ROWS)]
+    ocr = ocr_rows(metrics)
+    columns = [(label, key) for label, key in OCR_COLUMNS if any(f"{p}{key}" in metrics for _, p in ocr)]
     rows = []
-    for label, prefix in OCR_ROWS:
+    for label, prefix in ocr:
         if f"{prefix}sen_acc" in metrics or f"{prefix}glyph_iou" in metrics:
             rows.append([label, *(metrics.get(f"{prefix}{key}") for _, key in columns)])
     lines += _table(["row", *(label for label, _ in columns)], rows)

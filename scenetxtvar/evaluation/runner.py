@@ -82,6 +82,24 @@ class _Mean:
         return {f"{prefix}{k}": self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
 
 
+def gt_prefix_key(k: int) -> str:
+    """Metric prefix of the row sampled with the first ``k`` scales taken from the ground truth."""
+    return f"gtprefix{k}_"
+
+
+def ground_truth_labels(module: Any, batch: dict[str, Any], sched: Any, k: int) -> list[Tensor]:
+    """The clean per-scale labels of the batch's images (the tokenizer's codes), for the first ``k`` scales."""
+    from ..training.module import encode_batch
+
+    if not 1 <= k <= len(sched):
+        raise ValueError(f"eval.gt_prefix_scales entries must be between 1 and the {len(sched)} scales, got {k}")
+    images = {**batch, "images": batch["images"].to(module.device)}
+    _, targets = encode_batch(
+        module.text_encoder, module.vae, module.codes, images, sched, module.loss_cfg, False, module.device
+    )
+    return targets.per_scale[:k]
+
+
 def run_evaluation(cfg: Any) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt`` on the eval set; writes metrics.json / metrics.md (+ examples), returns the metrics."""
     from omegaconf import OmegaConf
@@ -128,7 +146,9 @@ def run_evaluation(cfg: Any) -> dict[str, Any]:
     dm.setup("validate")
     loader = dm.val_dataloader()
     recognizer = get_recognizer()
+    prefix_scales = sorted({int(k) for k in ev.get("gt_prefix_scales") or []})
     rows = [""] + (["nocontrol_"] if ev.nocontrol else []) + (["gt_"] if ev.ground_truth else [])
+    rows += [gt_prefix_key(k) for k in prefix_scales]
     ocr = {p: OCRAccuracy(recognizer, strip_spaces=ev.strip_spaces, map_unknown=ev.map_unknown) for p in rows}
     fidelity: dict[str, list[float | None]] = defaultdict(list)
     teacher = _Mean()
@@ -158,6 +178,12 @@ def run_evaluation(cfg: Any) -> dict[str, Any]:
         outputs = {"": generated, "gt_": batch["images"]}
         if ev.nocontrol:
             outputs["nocontrol_"] = sample_batch(model, vae, text, sched, None, seed, settings)
+        if prefix_scales:
+            labels = ground_truth_labels(module, batch, sched, max(prefix_scales))
+            for k in prefix_scales:
+                outputs[gt_prefix_key(k)] = sample_batch(
+                    model, vae, text, sched, batch["controls"], seed, settings, gt_labels=labels[:k]
+                )
         if ev.teacher_forced:
             device_batch = {**batch, **{k: batch[k].to(module.device) for k in ("images", "controls", "valid")}}
             with torch.no_grad():

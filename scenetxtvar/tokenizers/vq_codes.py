@@ -76,7 +76,7 @@ class IndexCodes:
             raise ValueError("bitwise self-correction applies to BSQ bits only; set noise_strength=0 for vae=vq")
         _check_schedule(self.vae, schedule)
         idx = self.vae.quantize.f_to_idxBl_or_fhat(features.float(), to_fhat=False)
-        return ScaleTargets(self.vae.quantize.idxBl_to_var_input(idx), torch.cat(idx, dim=1))
+        return ScaleTargets(self.vae.quantize.idxBl_to_var_input(idx), torch.cat(idx, dim=1), list(idx))
 
     def loss_per_token(self, logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
         """Cross-entropy over the V indices, per token."""
