@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     car = timed("car", train_stage, "car", profile, out / "car", car_inputs, extra)
 
     logger.info("4/4 evaluate.py on held-out words (seed %d), with and without the control", eval_seed)
+    from .evaluation.report import GT_PREFIX
     from .evaluation.runner import run_evaluation
 
     eval_dir = out / "eval"
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **{
                 f"sen_acc_{k.removesuffix('_sen_acc')}": v
                 for k, v in metrics.items()
-                if k.startswith("gtprefix") and k.endswith("_sen_acc")
+                if k.startswith(GT_PREFIX) and k.endswith("_sen_acc")
             },
         },
     }

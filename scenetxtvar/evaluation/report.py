@@ -32,13 +32,14 @@ OCR_COLUMNS = (
 )
 
 
-GT_PREFIX_ROW = re.compile(r"gtprefix(\d+)_sen_acc")
+GT_PREFIX = "gtprefix"  # metric prefix of the eval.gt_prefix_scales rows: gtprefix{k}_sen_acc, ...
+GT_PREFIX_ROW = re.compile(GT_PREFIX + r"(\d+)_sen_acc")
 
 
 def ocr_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The fixed rows, then one per ``eval.gt_prefix_scales`` entry: where along the scales legibility is lost."""
     ks = sorted(int(m.group(1)) for key in metrics if (m := GT_PREFIX_ROW.fullmatch(key)))
-    return [*OCR_ROWS, *((f"first {k} scales from the ground truth, the rest sampled", f"gtprefix{k}_") for k in ks)]
+    return [*OCR_ROWS, *((f"first {k} scales from the ground truth, the rest sampled", f"{GT_PREFIX}{k}_") for k in ks)]
 
 
 def fmt(value: Any, digits: int = 4) -> str:

@@ -15,7 +15,7 @@ from ..inference import SampleSettings, _container, load_model_and_vae, sample_b
 from .fidelity import canny_edges, control_mask, edge_f1, glyph_iou, mean_or_none, normal_agreement, to_uint8_rgb
 from .image_metrics import ImageMetrics
 from .ocr import OCR_LABEL, OCRAccuracy, get_recognizer
-from .report import log_to_loggers, markdown_report, write_report
+from .report import GT_PREFIX, log_to_loggers, markdown_report, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -84,20 +84,16 @@ class _Mean:
 
 def gt_prefix_key(k: int) -> str:
     """Metric prefix of the row sampled with the first ``k`` scales taken from the ground truth."""
-    return f"gtprefix{k}_"
+    return f"{GT_PREFIX}{k}_"
 
 
 def ground_truth_labels(module: Any, batch: dict[str, Any], sched: Any, k: int) -> list[Tensor]:
     """The clean per-scale labels of the batch's images (the tokenizer's codes), for the first ``k`` scales."""
-    from ..training.module import encode_batch
-
     if not 1 <= k <= len(sched):
         raise ValueError(f"eval.gt_prefix_scales entries must be between 1 and the {len(sched)} scales, got {k}")
-    images = {**batch, "images": batch["images"].to(module.device)}
-    _, targets = encode_batch(
-        module.text_encoder, module.vae, module.codes, images, sched, module.loss_cfg, False, module.device
-    )
-    return targets.per_scale[:k]
+    with torch.no_grad():
+        features = module.vae.encode_for_raw_features(batch["images"].to(module.device))
+        return module.codes.targets(features, sched).per_scale[:k]
 
 
 def run_evaluation(cfg: Any) -> dict[str, Any]:
