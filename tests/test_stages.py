@@ -96,7 +96,9 @@ def test_car_stage_runs_on_the_trained_base_and_tokenizer(tmp_path, cache_dir, t
     base = Path(base_run["export_dir"]) / "base.safetensors"
     from scenetxtvar.training.run import run
 
-    result = run(make_cfg(tmp_path, cache_dir, f"vae.build.path={tok}", f"model.build.base_weights={base}"))
+    # conv_precision=bf16 as the demo profiles run it (auto on this CPU): control stem and encode in bf16.
+    overrides = (f"vae.build.path={tok}", f"model.build.base_weights={base}", "conv_precision=bf16")
+    result = run(make_cfg(tmp_path, cache_dir, *overrides))
     assert result["stage"] == "car" and result["global_step"] == 2
     pilot = build_pilot("infinity_pilot_tiny", base_weights=str(base), car_depth=2, control_channels=[16, 32, 64, 128])
     assert pilot.control_patch == 8
@@ -223,3 +225,13 @@ def test_precision_auto_bf16_follows_the_hardware(monkeypatch):
     assert run_module.resolve_precision("16-mixed") == "16-mixed"
     monkeypatch.setattr(run_module.torch.cuda, "is_available", lambda: True)
     assert run_module.resolve_precision("auto-bf16") == run_module.resolve_precision("auto") == "bf16-mixed"
+
+
+def test_fast_bf16_means_bf16_instructions_not_emulation(monkeypatch):
+    """oneDNN emulates bf16 on plain AVX-512 (slower than fp32 there): only AMX or AVX512-BF16 count."""
+    from scenetxtvar.training import run as run_module
+
+    for amx, avx512_bf16, expected in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        assert run_module.cpu_has_fast_bf16() is expected

@@ -204,3 +204,70 @@ def test_slurm_launcher_and_sweep_configs_compose():
             "model.build.fusion",
             "control_dropout",
         }
+
+
+def test_conv_precision_bf16_runs_the_stem_and_encoder_in_bf16_only(tiny_run):
+    """conv_precision=bf16: the control stem and the tokenizer's encode under bf16 autocast; the transformer,
+    the loss and the trainable weights' gradients stay fp32, and the loss stays near the fp32 one."""
+    from scenetxtvar.training.module import PilotModule
+
+    cfg, _ = tiny_run
+
+    def build(precision: str) -> PilotModule:
+        torch.manual_seed(0)
+        return PilotModule(
+            model=OmegaConf.to_container(cfg.model.build, resolve=True),
+            vae=OmegaConf.to_container(cfg.vae.build, resolve=True),
+            text=OmegaConf.to_container(cfg.text, resolve=True),
+            conditions=list(cfg.condition.names),
+            conv_precision=precision,
+        )
+
+    gen = torch.Generator().manual_seed(1)
+    batch = {
+        "images": torch.rand(2, 3, 64, 64, generator=gen) * 2 - 1,
+        "controls": (torch.rand(2, 3, 64, 64, generator=gen) > 0.8) * 2.0 - 1,
+        "captions": ['a sign that says "OPEN"', 'a sign that says "CAFE"'],
+        "schedule": [[1, 1, 1], [1, 2, 2], [1, 4, 4]],
+    }
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        module = build(precision)
+        seen: dict[str, set] = {"stem": set(), "vae": set(), "block": set()}
+        for name, part in (
+            ("stem", module.model.car_control_convs.conv_out),
+            ("vae", module.vae.encoder),
+            ("block", module.model.block_list[0]),
+        ):
+            part.register_forward_hook(lambda m, i, o, dtypes=seen[name]: dtypes.add(o.dtype))
+        stats = module.compute_loss(batch, noise=False, drop_control=False)
+        stats["loss"].backward()
+        losses[precision] = stats["loss"].item()
+        expected = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert seen["stem"] == seen["vae"] == {expected}
+        assert seen["block"] == {torch.float32} and stats["loss"].dtype == torch.float32
+        grads = [p.grad for p in module.model.car_control_convs.parameters()]
+        assert all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+def test_conv_precision_resolves_auto_and_refuses_unknown_values(monkeypatch, tiny_run):
+    from scenetxtvar.training import run as run_module
+    from scenetxtvar.training.module import PilotModule
+
+    monkeypatch.setattr(run_module.torch.cuda, "is_available", lambda: False)
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(run_module, "cpu_has_fast_bf16", lambda native=native: native)
+        assert run_module.resolve_conv_precision("auto") == expected
+    assert run_module.resolve_conv_precision("fp32") == "fp32"
+    with pytest.raises(ValueError, match="conv_precision must be fp32, bf16 or auto"):
+        run_module.resolve_conv_precision("fp16")
+    cfg, _ = tiny_run
+    with pytest.raises(ValueError, match="conv_precision must be one of"):
+        PilotModule(
+            model=OmegaConf.to_container(cfg.model.build, resolve=True),
+            vae=OmegaConf.to_container(cfg.vae.build, resolve=True),
+            text=OmegaConf.to_container(cfg.text, resolve=True),
+            conditions=list(cfg.condition.names),
+            conv_precision="auto",
+        )

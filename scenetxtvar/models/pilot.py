@@ -136,6 +136,8 @@ class InfinityPilot(Infinity):
         self.control_patch = 2 ** (len(self.control_channels) - 1)
         # Set to a list to record (fusion index, per-token strength (B, L)) during a forward.
         self.fusion_probe: list[tuple[int, Tensor]] | None = None
+        # Autocast dtype for the control stem (None: the tokens' dtype); not part of the weights.
+        self.control_autocast_dtype: torch.dtype | None = None
         if base_sd is not None:
             from ..checkpoint import _normalise_infinity_keys, block_layout, convert_block_keys, load_strict
 
@@ -323,6 +325,18 @@ class InfinityPilot(Infinity):
 
     # ------------------------------------------------------------------ training forward
 
+    def control_features(self, control: Tensor, dtype: torch.dtype) -> Tensor:
+        """The conditioning stem on one scale's control image, in ``dtype`` (the tokens').
+
+        With :attr:`control_autocast_dtype` set (the training module's ``conv_precision``), the stem's
+        convolutions run under autocast to it: on a CPU with native bf16 they are 1.5x faster, a tenth of
+        the demo's CAR step, while the transformer stays in fp32.
+        """
+        if self.control_autocast_dtype is None:
+            return self.car_control_convs(control.to(dtype))
+        with torch.autocast(control.device.type, dtype=self.control_autocast_dtype):
+            return self.car_control_convs(control).to(dtype)
+
     def forward(
         self,
         label_B_or_BLT,
@@ -346,7 +360,7 @@ class InfinityPilot(Infinity):
             car_in, start = [], 0
             for ctrl, (_, h, w) in zip(control_tensors, sched):
                 seg = tokens[:, start : start + h * w]
-                car_in.append(self.car_scale_input(seg, self.car_control_convs(ctrl.to(seg.dtype)), (h, w)))
+                car_in.append(self.car_scale_input(seg, self.control_features(ctrl, seg.dtype), (h, w)))
                 start += h * w
             car_outputs = self.run_car_blocks(torch.cat(car_in, dim=1) + lvl, ctx, mask, rope)
             keep = None if control_keep is None else control_keep.to(tokens.device).bool()
@@ -452,7 +466,7 @@ class InfinityPilot(Infinity):
             return None
         controls, keep, sched = state
         _, h, w = sched[k]
-        feats = self.car_control_convs(controls[k].to(tokens.dtype))
+        feats = self.control_features(controls[k], tokens.dtype)
         feats = feats.repeat(tokens.shape[0] // rows_per_branch, 1, 1, 1)
         car_in = self.car_scale_input(tokens, feats, (h, w)) + self.lvl_embed.weight[k]
         return self.fusion_hook(self.run_car_blocks(car_in, ctx, None, rope), keep)

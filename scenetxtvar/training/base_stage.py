@@ -25,7 +25,7 @@ from ..checkpoint import save_state_dict
 from ..models.infinity import Infinity
 from ..scales import normalize_schedule
 from .builders import build_infinity
-from .module import DEFAULT_LOSS, DEFAULT_OPTIM, TransformerStage, batch_schedule, encode_batch, scale_loss_stats
+from .module import DEFAULT_LOSS, DEFAULT_OPTIM, TransformerStage, batch_schedule, scale_loss_stats
 
 BASE_EXPORT = "base.safetensors"
 
@@ -43,6 +43,7 @@ class BaseModule(TransformerStage):
         loss: Mapping[str, Any] | None = None,
         activation_checkpointing: bool = False,
         schedule: Sequence[Sequence[int]] | None = None,
+        conv_precision: str = "fp32",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -54,7 +55,7 @@ class BaseModule(TransformerStage):
         if not self.model.bitwise:
             raise ValueError("stage=base trains a bitwise (BSQ) Infinity; index heads (vae=vq) are not supported")
         self.model.checkpointing = activation_checkpointing
-        self.attach_frozen_helpers(vae_cfg, text)
+        self.attach_frozen_helpers(vae_cfg, text, conv_precision)
         self.schedule = normalize_schedule(schedule) if schedule else None
 
     def compute_loss(self, batch: Mapping[str, Any], noise: bool) -> dict[str, Tensor]:
@@ -62,9 +63,7 @@ class BaseModule(TransformerStage):
         b = batch["images"].shape[0]
         valid = batch.get("valid", torch.ones(b, dtype=torch.bool)).to(self.device).float()
         sched = batch_schedule(batch, self.schedule)
-        text, targets = encode_batch(
-            self.text_encoder, self.vae, self.codes, batch, sched, self.loss_cfg, noise, self.device
-        )
+        text, targets = self.encode(batch, sched, noise)
         logits = self.model(text, targets.x_BLC_wo_prefix, sched)
         return scale_loss_stats(self.codes, logits, targets.labels, sched, valid, self.loss_cfg)
 

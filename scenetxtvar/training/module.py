@@ -108,11 +108,19 @@ def encode_batch(
     loss_cfg: Mapping[str, Any],
     noise: bool,
     device: torch.device,
+    conv_dtype: torch.dtype | None = None,
 ) -> tuple[Any, Any]:
-    """Frozen helpers: captions -> packed text; images -> per-scale targets (self-correction when ``noise``)."""
+    """Frozen helpers: captions -> packed text; images -> per-scale targets (self-correction when ``noise``).
+
+    ``conv_dtype``: run the tokenizer's encoder under autocast to it; the features are quantised in fp32.
+    """
     with torch.no_grad():
         text = text_encoder.encode(list(batch["captions"])).to(device)
-        feats = vae.encode_for_raw_features(batch["images"])
+        if conv_dtype is None:
+            feats = vae.encode_for_raw_features(batch["images"])
+        else:
+            with torch.autocast(device.type, dtype=conv_dtype):
+                feats = vae.encode_for_raw_features(batch["images"]).float()
         targets = codes.targets(
             feats,
             sched,
@@ -156,6 +164,8 @@ def scale_loss_stats(
         stats["tokens"] = torch.tensor(float(per_token.shape[1] * valid.sum()))
     return stats
 
+
+CONV_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 DEFAULT_OPTIM: dict[str, Any] = {
     "lr": 1e-4,
@@ -202,8 +212,19 @@ class TransformerStage(L.LightningModule):
 
     model: nn.Module
 
-    def attach_frozen_helpers(self, vae_cfg: Mapping[str, Any], text_cfg: Mapping[str, Any]) -> None:
-        """Build the frozen VAE and text encoder outside the module tree (not trained, not checkpointed)."""
+    def attach_frozen_helpers(
+        self, vae_cfg: Mapping[str, Any], text_cfg: Mapping[str, Any], conv_precision: str = "fp32"
+    ) -> None:
+        """Build the frozen VAE and text encoder outside the module tree (not trained, not checkpointed).
+
+        ``conv_precision="bf16"`` runs the convolutions around the transformer (the tokenizer's encode and,
+        for the pilot, the control stem) under bf16 autocast; the transformer keeps the trainer's precision.
+        """
+        if conv_precision not in CONV_DTYPES:
+            raise ValueError(f"conv_precision must be one of {sorted(CONV_DTYPES)}, got {conv_precision!r}")
+        self.conv_dtype = CONV_DTYPES[conv_precision]
+        if hasattr(self.model, "control_autocast_dtype"):
+            self.model.control_autocast_dtype = self.conv_dtype
         object.__setattr__(self, "_vae", build_tokenizer(**vae_cfg))
         object.__setattr__(self, "_text", build_text_encoder(**dict(text_cfg)))
         if self._text.dim != self.model.text_channels:
@@ -229,6 +250,12 @@ class TransformerStage(L.LightningModule):
         if next(self._text.parameters()).device != self.device:
             self._text.to(self.device)
         return self._text
+
+    def encode(self, batch: Mapping[str, Any], sched: Sequence[Sequence[int]], noise: bool) -> tuple[Any, Any]:
+        """Packed text and per-scale targets of a batch from the frozen helpers (:func:`encode_batch`)."""
+        return encode_batch(
+            self.text_encoder, self.vae, self.codes, batch, sched, self.loss_cfg, noise, self.device, self.conv_dtype
+        )
 
     def step_stats(self, batch: Mapping[str, Any], train: bool) -> dict[str, Tensor]:
         """Loss and statistics of one batch (training: with noise / dropout)."""
@@ -286,6 +313,7 @@ class PilotModule(TransformerStage):
         control_dropout: float = 0.1,
         activation_checkpointing: bool = False,
         schedule: Sequence[Sequence[int]] | None = None,
+        conv_precision: str = "fp32",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -303,7 +331,7 @@ class PilotModule(TransformerStage):
             **model_cfg, conditioning_channels=3 * len(self.conditions), condition_names=self.conditions
         )
         self.model.checkpointing = activation_checkpointing
-        self.attach_frozen_helpers(vae_cfg, text)
+        self.attach_frozen_helpers(vae_cfg, text, conv_precision)
         self.is_vq = not self.model.bitwise
         self._base_fingerprint = base_fingerprint(self.model)
         # Lightning checkpoints carry the CAR branch only: the base comes from model.base_weights.
@@ -323,9 +351,7 @@ class PilotModule(TransformerStage):
         b = images.shape[0]
         valid = batch.get("valid", torch.ones(b, dtype=torch.bool)).to(self.device).float()
         sched = self.schedule_for(batch) if not self.is_vq else normalize_schedule(var_schedule(images.shape[-1]))
-        text, targets = encode_batch(
-            self.text_encoder, self.vae, self.codes, batch, sched, self.loss_cfg, noise and not self.is_vq, self.device
-        )
+        text, targets = self.encode(batch, sched, noise and not self.is_vq)
         with torch.no_grad():
             pyramid = build_control_pyramid(controls, sched, patch=self.model.control_patch)
         keep = None
