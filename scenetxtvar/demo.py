@@ -44,6 +44,11 @@ def merge_overrides(*lists: list[str]) -> list[str]:
     return list(merged.values())
 
 
+def _top_key(override: str) -> str:
+    """The config group or top-level key an override sets: ``+vae.build.x=1`` -> ``vae``."""
+    return override.split("=", 1)[0].lstrip("+~").split(".")[0]
+
+
 def profiles() -> list[str]:
     """The profile names: ``conf/demo/<name>.yaml`` (``quick`` and ``full`` ship; add your own beside them)."""
     return sorted(p.stem for p in (CONF / "demo").glob("*.yaml"))
@@ -104,7 +109,7 @@ def check_tokenizer(tokenizer_path: Path, cfg: DictConfig, eval_seed: int, num_i
 
 
 def reused(weights: str) -> dict[str, Any]:
-    """A stage result standing for an earlier run's export (``--tokenizer`` / ``--base``)."""
+    """A stage result standing for an earlier run's export (``--tokenizer`` / ``--base`` / ``--car``)."""
     export_dir = Path(weights).resolve().parent
     return {"export_dir": str(export_dir), "run_dir": str(export_dir.parent), "global_step": None}
 
@@ -117,10 +122,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=str(ROOT / "outputs" / "demo"))
     parser.add_argument("--tokenizer", help="reuse this trained tokenizer.safetensors (skips stage=tokenizer)")
     parser.add_argument("--base", help="reuse this trained base.safetensors (skips stage=base; needs --tokenizer)")
+    parser.add_argument("--car", help="reuse this trained car_weights.safetensors (skips stage=car; needs --base)")
     args = parser.parse_args(argv)
     if args.base and not args.tokenizer:
         parser.error("--base needs the --tokenizer it was trained over")
-    for given in (args.tokenizer, args.base):
+    if args.car and not args.base:
+        parser.error("--car needs the --base it was trained on")
+    for given in (args.tokenizer, args.base, args.car):
         if given and not Path(given).is_file():
             parser.error(f"no such file: {given}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -166,17 +174,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base, base_path = stage("base", "2/4", "Infinity over the trained tokenizer", args.base, base_inputs, BASE_EXPORT)
     car_inputs = [*base_inputs, f"model.build.base_weights={base_path}"]
 
-    logger.info("3/4 stage=car: the glyph control branch on the frozen base (%s)", out / "car")
-    car = timed("car", train_stage, "car", profile, out / "car", car_inputs, extra)
+    if args.car:
+        logger.info("3/4 stage=car: reusing %s", args.car)
+        car = reused(args.car)
+    else:
+        logger.info("3/4 stage=car: the glyph control branch on the frozen base (%s)", out / "car")
+        car = timed("car", train_stage, "car", profile, out / "car", car_inputs, extra)
 
     logger.info("4/4 evaluate.py on held-out words (seed %d), with and without the control", eval_seed)
     from .evaluation.report import GT_PREFIX
     from .evaluation.runner import run_evaluation
 
     eval_dir = out / "eval"
-    common_eval = [
-        o for o in _list(profile, "common") if o.split("=")[0].split(".")[0] in ("model", "vae", "schedule", "data")
-    ]
+    # evaluate.py's config has no training keys: only the architecture, data and paths overrides carry over.
+    common_eval = [o for o in _list(profile, "common") if _top_key(o) in ("model", "vae", "schedule", "data")]
     metrics = timed(
         "evaluate",
         run_evaluation,
@@ -188,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 car_inputs,
                 [f"data.seed={eval_seed}"],
                 _list(profile, "evaluate"),
-                [o for o in extra if o.split("=")[0].split(".")[0] in ("data", "paths")],
+                [o for o in extra if _top_key(o) in ("model", "vae", "schedule", "data", "paths")],
             ),
         ),
     )

@@ -31,6 +31,18 @@ def test_profiles_compose_and_full_inherits_quick() -> None:
         load_profile("huge")
 
 
+def test_evaluation_gets_the_architecture_overrides_of_the_command_line() -> None:
+    """evaluate.py has no training keys: only model/vae/schedule/data/paths overrides reach it."""
+    from scenetxtvar.demo import _top_key
+
+    assert [_top_key(o) for o in ("+vae.build.x=1", "~model.build.y", "schedule=demo64x128", "optim.lr=1")] == [
+        "vae",
+        "model",
+        "schedule",
+        "optim",
+    ]
+
+
 def test_merge_overrides_keeps_the_last_value_per_key() -> None:
     merged = merge_overrides(["a.b=1", "model=demo", "+x=1"], ["a.b=2"], ["x=3"])
     assert merged == ["a.b=2", "model=demo", "x=3"]
@@ -149,11 +161,38 @@ def test_demo_runs_the_three_stages_then_evaluates(tmp_path: Path) -> None:
     assert Path(reused["run_dirs"]["car"]).parent == Path(reused["out"])
     assert json.loads((Path(reused["run_dirs"]["eval"]) / "metrics.json").read_text())["num_images"] == 8
 
+    # --car as well: nothing trains; the first run's CAR branch is evaluated again, with the same result.
+    evaluated = main(
+        [
+            "--out",
+            str(tmp_path / "eval_only"),
+            "--tokenizer",
+            str(runs["tokenizer"] / "export" / "tokenizer.safetensors"),
+            "--base",
+            str(runs["base"] / "export" / "base.safetensors"),
+            "--car",
+            str(runs["car"] / "export" / "car_weights.safetensors"),
+            f"paths.cache_dir={tmp_path}/cache",
+            *SMOKE,
+        ]
+    )
+    assert evaluated["steps"] == {"tokenizer": None, "base": None, "car": None}
+    assert evaluated["run_dirs"]["car"] == str(runs["car"]) and set(evaluated["minutes"]) == {
+        "tokenizer_check",
+        "evaluate",
+        "total",
+    }
+    again = json.loads((Path(evaluated["run_dirs"]["eval"]) / "metrics.json").read_text())
+    assert again["sen_acc"] == metrics["sen_acc"] and again["glyph_iou"] == pytest.approx(metrics["glyph_iou"])
+
 
 def test_demo_refuses_reuse_it_cannot_honour(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--base", str(tmp_path / "base.safetensors")])
     assert "--base needs the --tokenizer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--car", str(tmp_path / "car_weights.safetensors")])
+    assert "--car needs the --base" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--tokenizer", str(tmp_path / "missing.safetensors")])
     assert "no such file" in capsys.readouterr().err
