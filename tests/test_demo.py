@@ -143,39 +143,21 @@ def test_demo_runs_the_three_stages_then_evaluates(tmp_path: Path) -> None:
     written = json.loads((Path(summary["out"]) / "demo_summary.json").read_text())
     assert written["steps"] == summary["steps"] and set(written["minutes"]) >= {"tokenizer", "base", "car", "total"}
 
+    def reusing(out: str, *stages: str) -> dict:
+        """The demo again in ``tmp_path / out``, reusing the first run's exports of ``stages``."""
+        files = {"tokenizer": "tokenizer.safetensors", "base": "base.safetensors", "car": "car_weights.safetensors"}
+        flags = [a for name in stages for a in (f"--{name}", str(runs[name] / "export" / files[name]))]
+        return main(["--out", str(tmp_path / out), *flags, f"paths.cache_dir={tmp_path}/cache", *SMOKE])
+
     # --tokenizer/--base reuse the first run's exports: only the CAR stage trains, the evaluation reruns.
-    reused = main(
-        [
-            "--out",
-            str(tmp_path / "again"),
-            "--tokenizer",
-            str(runs["tokenizer"] / "export" / "tokenizer.safetensors"),
-            "--base",
-            str(runs["base"] / "export" / "base.safetensors"),
-            f"paths.cache_dir={tmp_path}/cache",
-            *SMOKE,
-        ]
-    )
+    reused = reusing("again", "tokenizer", "base")
     assert reused["steps"] == {"tokenizer": None, "base": None, "car": 2}
     assert reused["run_dirs"]["base"] == str(runs["base"]) and "tokenizer" not in reused["minutes"]
     assert Path(reused["run_dirs"]["car"]).parent == Path(reused["out"])
     assert json.loads((Path(reused["run_dirs"]["eval"]) / "metrics.json").read_text())["num_images"] == 8
 
     # --car as well: nothing trains; the first run's CAR branch is evaluated again, with the same result.
-    evaluated = main(
-        [
-            "--out",
-            str(tmp_path / "eval_only"),
-            "--tokenizer",
-            str(runs["tokenizer"] / "export" / "tokenizer.safetensors"),
-            "--base",
-            str(runs["base"] / "export" / "base.safetensors"),
-            "--car",
-            str(runs["car"] / "export" / "car_weights.safetensors"),
-            f"paths.cache_dir={tmp_path}/cache",
-            *SMOKE,
-        ]
-    )
+    evaluated = reusing("eval_only", "tokenizer", "base", "car")
     assert evaluated["steps"] == {"tokenizer": None, "base": None, "car": None}
     assert evaluated["run_dirs"]["car"] == str(runs["car"]) and set(evaluated["minutes"]) == {
         "tokenizer_check",
