@@ -235,3 +235,70 @@ def test_fast_bf16_means_bf16_instructions_not_emulation(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
         assert run_module.cpu_has_fast_bf16() is expected
+
+
+def _tokenizer_batch(n: int = 2) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "images": torch.rand(n, 3, 64, 128, generator=g) * 2 - 1,
+        "controls": (torch.rand(n, 3, 64, 128, generator=g) > 0.9).float(),
+        "captions": ["w"] * n,
+    }
+
+
+def _grads(params) -> list[bool]:
+    return [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params]
+
+
+def test_adversarial_terms_reach_only_their_own_player():
+    """One backward, two players: the critic's hinge loss moves only the critic, the generator's only the tokenizer."""
+    from scenetxtvar.training.tokenizer_stage import TokenizerModule
+
+    vae = dict(kind="bsq", seed=0, base_ch=16, ch_mult=[1, 1, 2, 2], num_res_blocks=1, patch_size=8, codebook_dim=32)
+    module = TokenizerModule({**vae, "norm_groups": 0}, schedule=[(1, 1), (2, 4), (8, 16)], adversarial={"weight": 0.5})
+    stats = module.compute_loss(_tokenizer_batch())
+    assert {"critic", "adversarial", "adv_weight"} <= stats.keys() and float(stats["adv_weight"]) > 0
+    stats["critic"].backward(retain_graph=True)
+    # (Weights only: at step 0 the hinge's two terms cancel in the last bias's gradient.)
+    critic_weights = [p for p in module.discriminator.parameters() if p.ndim > 1]
+    assert all(_grads(critic_weights)) and not any(_grads(module.vae.parameters()))
+    module.zero_grad()
+    stats["adversarial"].backward(retain_graph=True)
+    assert not any(_grads(module.discriminator.parameters())) and any(_grads(module.vae.decoder.parameters()))
+    # Off by default: no critic, no terms.
+    plain = TokenizerModule({**vae, "norm_groups": 0}, schedule=[(1, 1), (2, 4), (8, 16)])
+    assert plain.discriminator is None and "critic" not in plain.compute_loss(_tokenizer_batch())
+
+
+def test_adaptive_weight_balances_the_gradient_norms_at_the_decoder_output():
+    """weight x |d rec / d w_last| / |d gen / d w_last|: scaling the reconstruction loss scales the weight."""
+    from scenetxtvar.training.tokenizer_stage import TokenizerModule
+
+    vae = dict(kind="bsq", seed=0, base_ch=16, ch_mult=[1, 1, 2, 2], num_res_blocks=1, patch_size=8, codebook_dim=32)
+    module = TokenizerModule({**vae, "norm_groups": 0}, schedule=[(8, 16)], adversarial={"weight": 1.0})
+    images = _tokenizer_batch()["images"]
+    recon = module.vae.decoder(module.vae.encode_for_raw_features(images))
+    rec = (recon - images).abs().mean()
+    gen = -module.discriminator(recon).mean()
+    w = module.adaptive_weight(rec, gen)
+    assert w > 0 and module.adaptive_weight(3 * rec, gen) == pytest.approx(3 * w, rel=1e-4)
+
+
+def test_tokenizer_stage_with_the_adversarial_term_exports_only_the_tokenizer(tmp_path, cache_dir):
+    """The critic trains with the tokenizer (same optimizer) but stays out of tokenizer.safetensors."""
+    from scenetxtvar.tokenizers import load_bsq_vae
+    from scenetxtvar.training.run import run
+
+    result = run(
+        make_cfg(
+            tmp_path,
+            cache_dir,
+            "stage=tokenizer",
+            "tokenizer_stage.adversarial.weight=0.5",
+            "tokenizer_stage.adversarial.start_step=1",
+        )
+    )
+    assert {"train/critic", "train/adversarial"} <= result["metrics"].keys()
+    weights = load_file(Path(result["export_dir"]) / "tokenizer.safetensors")
+    assert not any("discriminator" in k for k in weights)
+    assert load_bsq_vae(Path(result["export_dir"]) / "tokenizer.safetensors").patch_size == 8

@@ -157,7 +157,12 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
         from .tokenizer_stage import TokenizerModule
 
         conf = OmegaConf.to_container(cfg.get("tokenizer_stage") or {}, resolve=True)
-        return TokenizerModule(**common, optim={**optim, **(conf.get("optim") or {})}, loss=conf.get("loss"))
+        return TokenizerModule(
+            **common,
+            optim={**optim, **(conf.get("optim") or {})},
+            loss=conf.get("loss"),
+            adversarial=conf.get("adversarial"),
+        )
     model = OmegaConf.to_container(cfg.model.build, resolve=True)
     text = OmegaConf.to_container(cfg.text, resolve=True)
     loss = OmegaConf.to_container(cfg.loss, resolve=True)

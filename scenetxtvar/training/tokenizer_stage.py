@@ -12,7 +12,9 @@ from ``vae.build`` (small width, patch 8 or 16). One step:
   ``l1 + glyph_weight * l1 on glyph pixels + commit_weight * commitment``, where the glyph mask is
   ``controls > 0`` over the glyph condition's channels (text strokes would otherwise be a few percent of
   the pixels and wash out) and the commitment is the mean squared distance between the normalised
-  per-scale features and their codes (BSQ's commitment term).
+  per-scale features and their codes (BSQ's commitment term);
+- optionally (``tokenizer_stage.adversarial.weight > 0``) a hinge-GAN term from a small PatchGAN critic, with
+  VQGAN's adaptive weight; critic and tokenizer step together under one optimizer (see :func:`hinge_terms`).
 
 AdamW with linear warm-up + cosine decay (``tokenizer_stage.optim``). The export is
 ``tokenizer.safetensors`` + ``tokenizer_config.json``; :func:`~scenetxtvar.tokenizers.load_bsq_vae` reads the
@@ -66,6 +68,38 @@ def multiscale_bsq(features: Tensor, grids: Sequence[tuple[int, int]]) -> tuple[
     return summed, commit / len(grids)
 
 
+class PatchDiscriminator(torch.nn.Module):
+    """A small PatchGAN critic for the tokenizer's adversarial term: stride-2 4x4 convs with LeakyReLU, then
+    a 3x3 conv to one logit per patch (no normalisation, like the tokenizer)."""
+
+    def __init__(self, channels: Sequence[int] = (16, 32, 64)) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = []
+        cin = 3
+        for c in channels:
+            layers += [torch.nn.Conv2d(cin, int(c), 4, stride=2, padding=1), torch.nn.LeakyReLU(0.2)]
+            cin = int(c)
+        layers.append(torch.nn.Conv2d(cin, 1, 3, padding=1))
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 1, H/2^n, W/2^n) logits."""
+        return self.net(images)
+
+
+def hinge_terms(disc: torch.nn.Module, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
+    """(critic loss, generator loss) of the hinge GAN, ready to be summed into one backward.
+
+    The critic's loss sees the reconstruction detached (its gradient reaches only the critic); the generator's
+    sees the critic through detached parameters (its gradient reaches only the tokenizer). So one optimizer
+    step updates both players, and the stage keeps Lightning's automatic optimization.
+    """
+    critic = F.relu(1.0 - disc(real)).mean() + F.relu(1.0 + disc(fake.detach())).mean()
+    frozen = {k: v.detach() for k, v in disc.named_parameters()}
+    generator = -torch.func.functional_call(disc, frozen, (fake,)).mean()
+    return critic, generator
+
+
 class TokenizerModule(L.LightningModule):
     """Trains a BSQ-VAE: reconstruction L1, a glyph-weighted L1 and the BSQ commitment term."""
 
@@ -78,6 +112,7 @@ class TokenizerModule(L.LightningModule):
         schedule: Sequence[Sequence[int]] | None = None,
         panel_samples: int = 4,
         channels_last: bool = True,
+        adversarial: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -112,6 +147,11 @@ class TokenizerModule(L.LightningModule):
                 "use condition=glyph or set tokenizer_stage.loss.glyph_weight=0"
             )
         self.schedule = normalize_schedule(schedule) if schedule else None
+        # Optional hinge-GAN term on the reconstructions (weight 0: off, no critic is built).
+        self.adv_cfg = {"weight": 0.0, "start_step": 0, "channels": (16, 32, 64), **dict(adversarial or {})}
+        self.discriminator = PatchDiscriminator(self.adv_cfg["channels"]) if float(self.adv_cfg["weight"]) > 0 else None
+        if self.discriminator is not None and self.channels_last:
+            self.discriminator.to(memory_format=torch.channels_last)
 
     def grids_for(self, batch: Mapping[str, Any], latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
         """Latent grids of the schedule (configured, else the batch's), or the latent grid alone."""
@@ -152,8 +192,23 @@ class TokenizerModule(L.LightningModule):
             glyph_l1 = (err * mask).sum() / mask.sum().clamp_min(1.0)
             stats["glyph_l1"] = glyph_l1
             loss = loss + self.loss_cfg["glyph_weight"] * glyph_l1
+        if self.discriminator is not None and self.global_step >= int(self.adv_cfg["start_step"]):
+            critic, generator = hinge_terms(self.discriminator, images, recon)
+            weight = float(self.adv_cfg["weight"])
+            if self.adv_cfg.get("adaptive", True) and torch.is_grad_enabled():
+                weight = weight * self.adaptive_weight(loss, generator)
+            stats["critic"], stats["adversarial"], stats["adv_weight"] = critic, generator, recon.new_tensor(weight)
+            loss = loss + critic + weight * generator
         stats["loss"] = loss
         return stats
+
+    def adaptive_weight(self, reconstruction: Tensor, generator: Tensor) -> float:
+        """VQGAN's balance: |grad of the reconstruction loss| / |grad of the generator loss| at the decoder's
+        last conv, so the adversarial term pulls as hard as the reconstruction does whatever their scales."""
+        last = self.vae.decoder.conv_out.conv.weight
+        g_rec = torch.autograd.grad(reconstruction, last, retain_graph=True)[0]
+        g_adv = torch.autograd.grad(generator, last, retain_graph=True)[0]
+        return float((g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4))
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         stats = self.compute_loss(batch)
@@ -187,7 +242,7 @@ class TokenizerModule(L.LightningModule):
         return path
 
     def configure_optimizers(self):
-        named = list(self.vae.named_parameters())
+        named = list(self.named_parameters())  # the tokenizer's, and the critic's when there is one
         # No decay on 1-D parameters: biases and GroupNorm affines.
         return adamw_with_schedule(named, self.optim_cfg, self.trainer, self.device, no_decay=lambda n, p: p.ndim < 2)
 
