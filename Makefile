@@ -28,7 +28,7 @@ test: setup  ## run the test suite (CPU; gpu tests skip themselves)
 test-fast: setup  ## the suite without tests marked slow
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: setup  ## tokenizer -> base -> CAR stages on synthetic scenes, then evaluate (12-15 CPU minutes)
+demo: setup  ## tokenizer -> base -> CAR stages on synthetic scenes, then evaluate (~13 CPU minutes)
 	$(BIN)/python -m scenetxtvar.demo --profile quick
 
 demo-full: setup  ## the same with the budgets that aim at the legibility targets (34-43 CPU minutes)

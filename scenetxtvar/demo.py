@@ -11,7 +11,8 @@ stands on, with the product's own stages (one Hydra app, ``stage=tokenizer|base|
    glyph control, glyph IoU, and a grid (control | ground truth | with control | without control).
 
 Budgets and settings are the profile's (``conf/demo/<profile>.yaml``); extra arguments are Hydra
-overrides applied to every stage (e.g. ``trainer.max_steps=4`` for a smoke run).
+overrides applied to every stage (e.g. ``trainer.max_steps=4`` for a smoke run). ``--tokenizer-only``
+stops after step 1 (tokenizer A/Bs: ``--profile quick --tokenizer-only --recon-images 128 <overrides>``).
 """
 
 from __future__ import annotations
@@ -123,6 +124,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tokenizer", help="reuse this trained tokenizer.safetensors (skips stage=tokenizer)")
     parser.add_argument("--base", help="reuse this trained base.safetensors (skips stage=base; needs --tokenizer)")
     parser.add_argument("--car", help="reuse this trained car_weights.safetensors (skips stage=car; needs --base)")
+    parser.add_argument(
+        "--tokenizer-only",
+        action="store_true",
+        help="stop after the tokenizer and the OCR of its reconstructions (for tokenizer A/Bs)",
+    )
+    parser.add_argument(
+        "--recon-images", type=int, help="held-out words for the reconstruction check (default: the profile's)"
+    )
     args = parser.parse_args(argv)
     if args.base and not args.tokenizer:
         parser.error("--base needs the --tokenizer it was trained over")
@@ -167,9 +176,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokenizer_path,
         eval_cfg,
         eval_seed,
-        int(profile.get("num_recon_images", 48)),
+        int(args.recon_images or profile.get("num_recon_images", 48)),
         out / "tokenizer" / "reconstructions",
     )
+    recon_metrics = {
+        "tokenizer_recon_sen_acc": recon.get("recon_sen_acc"),
+        "tokenizer_recon_psnr": recon.get("recon_psnr"),
+        "tokenizer_recon_images": recon.get("recon_images"),
+    }
+    if args.tokenizer_only:
+        return write_summary(
+            out,
+            {
+                "profile": args.profile,
+                "minutes": {**times, "total": round(sum(times.values()), 2)},
+                "steps": {"tokenizer": tok["global_step"]},
+                "tokenizer_reconstructions": str(out / "tokenizer" / "reconstructions" / "reconstructions.png"),
+                "run_dirs": {"tokenizer": tok["run_dir"]},
+                "metrics": recon_metrics,
+            },
+        )
 
     base, base_path = stage("base", "2/4", "Infinity over the trained tokenizer", args.base, base_inputs, BASE_EXPORT)
     car_inputs = [*base_inputs, f"model.build.base_weights={base_path}"]
@@ -224,8 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ned_with_control": metrics.get("ned"),
             "glyph_iou": metrics.get("glyph_iou"),
             "gt_sen_acc": metrics.get("gt_sen_acc"),
-            "tokenizer_recon_sen_acc": recon.get("recon_sen_acc"),
-            "tokenizer_recon_psnr": recon.get("recon_psnr"),
+            **recon_metrics,
             "eval_images": metrics.get("num_images"),
             # eval.gt_prefix_scales rows: the same words with the first k scales taken from the ground truth.
             **{
@@ -235,6 +260,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
         },
     }
+    return write_summary(out, summary)
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write ``<out>/demo_summary.json``, log it, and return it with ``out`` added."""
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     logger.info("demo finished; everything it made:\n%s", json.dumps(summary, indent=1))
     return {**summary, "out": str(out)}

@@ -264,6 +264,7 @@ def test_detection_of_released_layouts() -> None:
         BSQVAEConfig(codebook_dim=64),
         BSQVAEConfig(ch_mult=(1, 2, 4, 4), patch_size=8, codebook_dim=14),
         BSQVAEConfig(base_ch=64, ch_mult=(1, 2, 2), decoder_ch_mult=(1, 1, 2), patch_size=4, num_res_blocks=3),
+        BSQVAEConfig(base_ch=16, ch_mult=(1, 2, 2), patch_size=8, norm_groups=0, pixel_unshuffle=2),
     ):
         with torch.device("meta"):
             sd = BSQVAE(cfg).state_dict()
@@ -499,3 +500,34 @@ def test_norm_free_tokenizer_has_no_norm_weights_and_round_trips(tmp_path: Path)
         assert loaded.config == cfg
         with torch.no_grad():
             assert torch.equal(loaded.decode(loaded.encode(img, grids)[0]), want)
+
+
+def test_pixel_unshuffle_moves_the_first_level_to_lower_resolution(tmp_path: Path) -> None:
+    """r = 2: conv_in sees 12 channels at half resolution, conv_out writes 12 that depth-to-space makes RGB;
+    the latent grid is still image / patch_size, and the export loads back to the same architecture."""
+    cfg = BSQVAEConfig(base_ch=16, ch_mult=(1, 2, 2), patch_size=8, codebook_dim=32, norm_groups=0, pixel_unshuffle=2)
+    vae = BSQVAE(cfg)
+    assert vae.encoder.conv_in.conv.weight.shape == (16, 12, 3, 3)
+    assert vae.decoder.conv_out.conv.weight.shape == (12, 16, 3, 3)
+    x = torch.rand(2, 3, 64, 128) * 2 - 1
+    feats = vae.encode_for_raw_features(x)
+    assert feats.shape == (2, 32, 8, 16) and vae.decode(feats).shape == (2, 3, 64, 128)
+    # Depth-to-space inverts space-to-depth: the first conv's input is exactly the unshuffled image.
+    seen = {}
+    hook = vae.encoder.conv_in.register_forward_hook(lambda m, args, out: seen.update(input=args[0]))
+    vae.encode_for_raw_features(x)
+    hook.remove()
+    assert torch.equal(torch.nn.functional.pixel_shuffle(seen["input"], 2), x)
+    from scenetxtvar.training.tokenizer_stage import export_tokenizer
+
+    loaded = load_bsq_vae(export_tokenizer(vae, tmp_path))
+    assert loaded.config == cfg
+    assert torch.equal(loaded.encode_for_raw_features(x), vae.encode_for_raw_features(x))
+    # The released layouts keep r = 1; r must be a power of two within the patch, and the conv levels
+    # must cover log2(patch / r) downsamples.
+    assert BSQVAEConfig().pixel_unshuffle == 1
+    for bad in (3, 16):
+        with pytest.raises(ValueError, match="pixel_unshuffle"):
+            BSQVAEConfig(patch_size=8, ch_mult=(1, 2), pixel_unshuffle=bad)
+    with pytest.raises(ValueError, match="levels"):
+        BSQVAEConfig(patch_size=8, ch_mult=(1, 2), pixel_unshuffle=2)

@@ -168,6 +168,18 @@ def test_demo_runs_the_three_stages_then_evaluates(tmp_path: Path) -> None:
     assert again["sen_acc"] == metrics["sen_acc"] and again["glyph_iou"] == pytest.approx(metrics["glyph_iou"])
 
 
+def test_demo_tokenizer_only_stops_after_the_reconstruction_check(tmp_path: Path) -> None:
+    """--tokenizer-only: the tokenizer trains and its reconstructions are read; no base, CAR or evaluation."""
+    summary = main(
+        ["--out", str(tmp_path), "--tokenizer-only", "--recon-images", "4", f"paths.cache_dir={tmp_path}/cache", *SMOKE]
+    )
+    assert summary["steps"] == {"tokenizer": 2} and set(summary["run_dirs"]) == {"tokenizer"}
+    assert summary["metrics"]["tokenizer_recon_images"] == 4
+    assert 0.0 <= summary["metrics"]["tokenizer_recon_sen_acc"] <= 1.0
+    assert set(summary["minutes"]) == {"tokenizer", "tokenizer_check", "total"}
+    assert sorted(p.name for p in Path(summary["out"]).iterdir()) == ["demo_summary.json", "tokenizer"]
+
+
 def test_demo_refuses_reuse_it_cannot_honour(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--base", str(tmp_path / "base.safetensors")])

@@ -52,12 +52,15 @@ def test_tokenizer_stage_trains_and_exports_what_load_bsq_vae_reads(tokenizer_ru
     config = json.loads((export / "tokenizer_config.json").read_text())
     assert (vae.patch_size, vae.code_dim, vae.config.base_ch) == (8, 32, 16)
     assert (config["patch_size"], config["codebook_dim"], config["base_ch"]) == (8, 32, 16)
-    assert list(vae.config.ch_mult) == config["ch_mult"] == [1, 1, 2, 2]
+    assert list(vae.config.ch_mult) == config["ch_mult"] == [1, 2, 2]
+    assert vae.config.pixel_unshuffle == config["pixel_unshuffle"] == 2
     assert vae.config.norm_groups == config["norm_groups"] == 0  # vae=bsq_demo is norm-free
     # Trained: the weights differ from the seeded random tokenizer of the same config.
     from scenetxtvar.training.builders import build_tokenizer
 
-    arch = dict(base_ch=16, ch_mult=[1, 1, 2, 2], num_res_blocks=1, patch_size=8, codebook_dim=32, norm_groups=0)
+    arch = dict(
+        base_ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, patch_size=8, codebook_dim=32, norm_groups=0, pixel_unshuffle=2
+    )
     random = build_tokenizer(kind="bsq", seed=0, **arch)
     trained, init = vae.state_dict(), random.state_dict()
     assert any(not torch.equal(trained[k], init[k]) for k in init if init[k].is_floating_point())
@@ -113,7 +116,15 @@ def _bad_tokenizer(path: Path) -> Path:
     from scenetxtvar.training.tokenizer_stage import export_tokenizer
 
     vae = BSQVAE(
-        BSQVAEConfig(base_ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1, patch_size=8, codebook_dim=8, norm_groups=0)
+        BSQVAEConfig(
+            base_ch=16,
+            ch_mult=(1, 2, 2),
+            num_res_blocks=1,
+            patch_size=8,
+            codebook_dim=8,
+            norm_groups=0,
+            pixel_unshuffle=2,
+        )
     )
     return export_tokenizer(vae, path)
 

@@ -79,21 +79,34 @@ class BSQVAEConfig:
     # higher learning rate (64x128 demo, 1400 steps: recon Sen.ACC 0.31 vs 0.17 with 1 group).
     # A group count is not visible in a state dict: exports carry it in their metadata (``load_bsq_vae``).
     norm_groups: int | None = None
+    # Space-to-depth factor r before the encoder (and depth-to-space after the decoder): the first
+    # conv sees 3*r*r channels at 1/r resolution and the conv levels downsample patch_size / r more.
+    # 1 in every released VAE. r = 2 takes the costly full-resolution level off a CPU-sized tokenizer.
+    pixel_unshuffle: int = 1
+
+    @property
+    def num_downsamples(self) -> int:
+        """Stride-2 levels of the encoder (and upsampling levels of the decoder): log2(patch_size / r)."""
+        return int(math.log2(self.patch_size // self.pixel_unshuffle))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         if self.decoder_ch_mult is not None:
             dec = tuple(int(m) for m in self.decoder_ch_mult)
             object.__setattr__(self, "decoder_ch_mult", None if dec == self.ch_mult else dec)
-        p = self.patch_size
+        p, r = self.patch_size, self.pixel_unshuffle
         if p < 1 or p & (p - 1):
             raise ValueError(f"patch_size must be a power of two, got {p}")
-        n_down = int(math.log2(p))
+        if r < 1 or r & (r - 1) or r > p:
+            raise ValueError(f"pixel_unshuffle must be a power of two <= patch_size {p}, got {r}")
+        n_down = self.num_downsamples
         for name, mult in (("ch_mult", self.ch_mult), ("decoder_ch_mult", self.dec_ch_mult)):
-            # The decoder upsamples at levels 1..log2(p), so it needs log2(p) + 1 levels to undo
-            # the encoder's log2(p) downsamples.
+            # The decoder upsamples at levels 1..n_down, so it needs n_down + 1 levels to undo the
+            # encoder's n_down downsamples.
             if len(mult) <= n_down:
-                raise ValueError(f"{name} needs more than log2(patch_size)={n_down} levels, got {mult}")
+                raise ValueError(
+                    f"{name} needs more than log2(patch_size / pixel_unshuffle)={n_down} levels, got {mult}"
+                )
             if min(mult) < 1:
                 raise ValueError(f"{name} entries must be positive, got {mult}")
             for m in mult:
@@ -204,8 +217,9 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: BSQVAEConfig) -> None:
         super().__init__()
-        ch, mult, n_down = cfg.base_ch, cfg.ch_mult, int(math.log2(cfg.patch_size))
-        self.conv_in = Conv(3, ch, 3, padding=1)
+        ch, mult, n_down = cfg.base_ch, cfg.ch_mult, cfg.num_downsamples
+        self.unshuffle = cfg.pixel_unshuffle
+        self.conv_in = Conv(3 * self.unshuffle**2, ch, 3, padding=1)
         self.down = nn.ModuleList()
         cin = ch
         for i, m in enumerate(mult):
@@ -223,6 +237,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Encode."""
+        if self.unshuffle > 1:
+            x = F.pixel_unshuffle(x, self.unshuffle)
         h = self.conv_in(x)
         for level in self.down:
             for block in level.block:
@@ -238,7 +254,8 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: BSQVAEConfig) -> None:
         super().__init__()
-        ch, mult, n_up = cfg.base_ch, cfg.dec_ch_mult, int(math.log2(cfg.patch_size))
+        ch, mult, n_up = cfg.base_ch, cfg.dec_ch_mult, cfg.num_downsamples
+        self.shuffle = cfg.pixel_unshuffle
         cin = ch * mult[-1]
         self.conv_in = Conv(cfg.codebook_dim, cin, 3, padding=1)
         self.mid = _mid(cin, cfg.norm_groups)
@@ -255,7 +272,7 @@ class Decoder(nn.Module):
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
         self.norm_out = Normalize(cin, cfg.norm_groups)
-        self.conv_out = Conv(cin, 3, 3, padding=1)
+        self.conv_out = Conv(cin, 3 * self.shuffle**2, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         """Decode."""
@@ -265,7 +282,8 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        out = self.conv_out(swish(self.norm_out(h)))
+        return F.pixel_shuffle(out, self.shuffle) if self.shuffle > 1 else out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -546,6 +564,9 @@ def detect_config(state_dict: Mapping[str, Tensor], norm_groups: int | None = No
     if conv_in.dim() != 4:
         raise ValueError(f"encoder.conv_in.conv.weight must be a 2-D conv kernel, got shape {tuple(conv_in.shape)}")
     base = int(conv_in.shape[0])
+    r = math.isqrt(int(conv_in.shape[1]) // 3)
+    if 3 * r * r != int(conv_in.shape[1]):
+        raise ValueError(f"encoder.conv_in takes {conv_in.shape[1]} channels: not 3 * r^2 (RGB, pixel-unshuffled)")
     enc_mult = _mult(_level_widths(state_dict, "encoder", "down"), base, "encoder")
     dec_mult = _mult(_level_widths(state_dict, "decoder", "up"), base, "decoder")
     blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"^encoder\.down\.0\.block\.(\d+)\.", k))}
@@ -556,10 +577,11 @@ def detect_config(state_dict: Mapping[str, Tensor], norm_groups: int | None = No
         base_ch=base,
         ch_mult=enc_mult,
         num_res_blocks=len(blocks),
-        patch_size=2**downs,
+        patch_size=2**downs * r,
         codebook_dim=int(state_dict["encoder.conv_out.conv.weight"].shape[0]),
         decoder_ch_mult=dec_mult,
         norm_groups=norm_groups,
+        pixel_unshuffle=r,
     )
 
 
