@@ -276,6 +276,9 @@ def test_adversarial_terms_reach_only_their_own_player():
     module.zero_grad()
     stats["adversarial"].backward(retain_graph=True)
     assert not any(_grads(module.discriminator.parameters())) and any(_grads(module.vae.decoder.parameters()))
+    # Corrupt samples (valid=False) stay out of the game: with none valid there is no adversarial term.
+    corrupt = {**_tokenizer_batch(), "valid": torch.tensor([False, False])}
+    assert "critic" not in module.compute_loss(corrupt)
     # Off by default: no critic, no terms.
     plain = TokenizerModule({**vae, "norm_groups": 0}, schedule=[(1, 1), (2, 4), (8, 16)])
     assert plain.discriminator is None and "critic" not in plain.compute_loss(_tokenizer_batch())

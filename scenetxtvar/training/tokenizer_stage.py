@@ -192,8 +192,9 @@ class TokenizerModule(L.LightningModule):
             glyph_l1 = (err * mask).sum() / mask.sum().clamp_min(1.0)
             stats["glyph_l1"] = glyph_l1
             loss = loss + self.loss_cfg["glyph_weight"] * glyph_l1
-        if self.discriminator is not None and self.global_step >= int(self.adv_cfg["start_step"]):
-            critic, generator = hinge_terms(self.discriminator, images, recon)
+        keep = valid > 0  # corrupt samples (placeholders) must not teach the critic what "real" looks like
+        if self.discriminator is not None and self.global_step >= int(self.adv_cfg["start_step"]) and keep.any():
+            critic, generator = hinge_terms(self.discriminator, images[keep], recon[keep])
             weight = float(self.adv_cfg["weight"])
             if self.adv_cfg.get("adaptive", True) and torch.is_grad_enabled():
                 weight = weight * self.adaptive_weight(loss, generator)
