@@ -316,3 +316,24 @@ def test_tokenizer_stage_with_the_adversarial_term_exports_only_the_tokenizer(tm
     weights = load_file(Path(result["export_dir"]) / "tokenizer.safetensors")
     assert not any("discriminator" in k for k in weights)
     assert load_bsq_vae(Path(result["export_dir"]) / "tokenizer.safetensors").patch_size == 8
+
+
+def test_edge_term_sees_blurred_strokes_that_plain_l1_forgives():
+    """edge_l1 is zero for a perfect copy and for a brightness shift, positive for a blurred edge; the stage adds
+    it (with its own statistic) only when tokenizer_stage.loss.edge_weight > 0."""
+    from scenetxtvar.training.tokenizer_stage import TokenizerModule, edge_l1
+
+    sharp = -torch.ones(1, 3, 8, 8)
+    sharp[..., :, 4:] = 1.0  # one vertical stroke edge
+    assert float(edge_l1(sharp, sharp).abs().max()) == 0.0
+    assert float(edge_l1(sharp + 0.3, sharp).abs().max()) < 1e-6  # a flat offset has no edges
+    blurred = torch.nn.functional.avg_pool2d(sharp, 3, stride=1, padding=1, count_include_pad=False)
+    assert edge_l1(blurred, sharp).shape == (1, 1, 8, 8) and float(edge_l1(blurred, sharp).sum()) > 0
+
+    vae = dict(kind="bsq", seed=0, base_ch=16, ch_mult=[1, 1, 2, 2], num_res_blocks=1, patch_size=8, codebook_dim=32)
+    sched = [(1, 1), (2, 4), (8, 16)]
+    plain = TokenizerModule({**vae, "norm_groups": 0}, schedule=sched).compute_loss(_tokenizer_batch())
+    module = TokenizerModule({**vae, "norm_groups": 0}, schedule=sched, loss={"edge_weight": 0.5})
+    stats = module.compute_loss(_tokenizer_batch())
+    assert "edge_l1" not in plain and float(stats["edge_l1"]) > 0
+    assert torch.allclose(stats["loss"], plain["loss"] + 0.5 * stats["edge_l1"], atol=1e-5)
