@@ -31,7 +31,7 @@ test-fast: setup  ## the suite without tests marked slow
 demo: setup  ## tokenizer -> base -> CAR stages on synthetic scenes, then evaluate (~13 CPU minutes)
 	$(BIN)/python -m scenetxtvar.demo --profile quick
 
-demo-full: setup  ## the same with the budgets that aim at the legibility targets (34-43 CPU minutes)
+demo-full: setup  ## the same with the budgets that aim at the legibility targets (24 CPU minutes with AMX, ~37 without)
 	$(BIN)/python -m scenetxtvar.demo --profile full
 
 lint: setup  ## ruff check + format check
