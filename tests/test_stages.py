@@ -50,8 +50,8 @@ def test_tokenizer_stage_trains_and_exports_what_load_bsq_vae_reads(tokenizer_ru
     export = Path(tokenizer_run["export_dir"])
     vae = load_bsq_vae(export / "tokenizer.safetensors")
     config = json.loads((export / "tokenizer_config.json").read_text())
-    assert (vae.patch_size, vae.code_dim, vae.config.base_ch) == (8, 32, 16)
-    assert (config["patch_size"], config["codebook_dim"], config["base_ch"]) == (8, 32, 16)
+    assert (vae.patch_size, vae.code_dim, vae.config.base_ch) == (8, 48, 16)
+    assert (config["patch_size"], config["codebook_dim"], config["base_ch"]) == (8, 48, 16)
     assert list(vae.config.ch_mult) == config["ch_mult"] == [1, 2, 2]
     assert vae.config.pixel_unshuffle == config["pixel_unshuffle"] == 2
     assert vae.config.norm_groups == config["norm_groups"] == 0  # vae=bsq_demo is norm-free
@@ -59,7 +59,7 @@ def test_tokenizer_stage_trains_and_exports_what_load_bsq_vae_reads(tokenizer_ru
     from scenetxtvar.training.builders import build_tokenizer
 
     arch = dict(
-        base_ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, patch_size=8, codebook_dim=32, norm_groups=0, pixel_unshuffle=2
+        base_ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, patch_size=8, codebook_dim=48, norm_groups=0, pixel_unshuffle=2
     )
     random = build_tokenizer(kind="bsq", seed=0, **arch)
     trained, init = vae.state_dict(), random.state_dict()
@@ -73,7 +73,7 @@ def test_tokenizer_stage_trains_and_exports_what_load_bsq_vae_reads(tokenizer_ru
         assert im.width > 2 * 128
     with torch.no_grad():  # it tokenizes a 64x128 image over the demo schedule
         z, bits = vae.encode(torch.zeros(1, 3, 64, 128), [(1, 1), (1, 2), (2, 4), (4, 8), (8, 16)])
-    assert z.shape == (1, 32, 8, 16) and bits[-1].shape == (1, 1, 8, 16, 32)
+    assert z.shape == (1, 48, 8, 16) and bits[-1].shape == (1, 1, 8, 16, 48)
 
 
 def test_base_stage_trains_infinity_and_exports_what_load_infinity_reads(base_run):
@@ -85,7 +85,7 @@ def test_base_stage_trains_infinity_and_exports_what_load_infinity_reads(base_ru
     sd = load_file(path)
     assert sd and not any(is_car_key(k) for k in sd)
     model = load_infinity(path)
-    assert (model.depth, model.C, model.codebook_dim, model.text_channels) == (4, 128, 32, 256)
+    assert (model.depth, model.C, model.codebook_dim, model.text_channels) == (4, 128, 48, 256)
     assert 1.0e6 < sum(p.numel() for p in model.parameters()) < 1.3e6
     ckpt = torch.load(Path(base_run["checkpoint_dir"]) / "last.ckpt", map_location="cpu", weights_only=True)
     assert all(torch.equal(ckpt["state_dict"][f"model.{k}"], v) for k, v in sd.items())
@@ -135,10 +135,10 @@ def _bad_tokenizer(path: Path) -> Path:
         (["model.build.base_weights=/nowhere/base.safetensors"], "model.build.base_weights"),
         (["stage=base", "vae.build.path=/nowhere/tokenizer.safetensors"], "vae.build.path"),
         (["stage=car", "vae.build.path=/nowhere/tokenizer.safetensors"], "vae.build.path"),
-        (["stage=base", "vae.build.path=BAD"], "has codebook_dim=8, but vae.build sets codebook_dim=32"),
-        (["vae.build.path=BAD"], "has codebook_dim=8, but vae.build sets codebook_dim=32"),
-        (["stage=base", "vae.build.path=BAD", "~vae.build.codebook_dim"], "codebook_dim=8, the transformer expects 32"),
-        (["vae.build.path=BAD", "~vae.build.codebook_dim"], "codebook_dim=8, the transformer expects 32"),
+        (["stage=base", "vae.build.path=BAD"], "has codebook_dim=8, but vae.build sets codebook_dim=48"),
+        (["vae.build.path=BAD"], "has codebook_dim=8, but vae.build sets codebook_dim=48"),
+        (["stage=base", "vae.build.path=BAD", "~vae.build.codebook_dim"], "codebook_dim=8, the transformer expects 48"),
+        (["vae.build.path=BAD", "~vae.build.codebook_dim"], "codebook_dim=8, the transformer expects 48"),
         (["stage=sideways"], "stage must be one of"),
     ],
 )
