@@ -63,6 +63,8 @@ def test_tokenizer_stage_trains_and_exports_what_load_bsq_vae_reads(tokenizer_ru
     )
     random = build_tokenizer(kind="bsq", seed=0, **arch)
     trained, init = vae.state_dict(), random.state_dict()
+    # Same architecture first: torch.equal of tensors of different shapes is False, which would pass vacuously.
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in init.items()}
     assert any(not torch.equal(trained[k], init[k]) for k in init if init[k].is_floating_point())
     header, *rows = (Path(tokenizer_run["run_dir"]) / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     assert {"train/loss", "train/l1", "train/glyph_l1", "train/commit"} <= set(header.split(",")) and rows
