@@ -28,10 +28,10 @@ test: setup  ## run the test suite (CPU; gpu tests skip themselves)
 test-fast: setup  ## the suite without tests marked slow
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: setup  ## tokenizer -> base -> CAR stages on synthetic scenes, then evaluate (~13 CPU minutes)
+demo: setup  ## tokenizer -> base -> CAR stages on synthetic scenes, then evaluate (10-13 CPU minutes with AMX, ~20 on AVX2)
 	$(BIN)/python -m scenetxtvar.demo --profile quick
 
-demo-full: setup  ## the same with the budgets that aim at the legibility targets (24 CPU minutes with AMX, ~37 without)
+demo-full: setup  ## the same with the budgets that aim at the legibility targets (24 CPU minutes with AMX, ~50 on AVX2)
 	$(BIN)/python -m scenetxtvar.demo --profile full
 
 lint: setup  ## ruff check + format check

@@ -101,6 +101,7 @@ def test_reconstruction_check_scores_reconstructions_like_the_originals(tmp_path
 # Smoke-size overrides for every stage of a demo run.
 SMOKE = [
     "trainer.max_steps=2",
+    "data.num_workers=0",  # the profiles read in a loader worker; spawning one per stage only slows a smoke run
     "data.num_train=16",
     "data.num_val=8",
     "data.val_samples=8",
