@@ -103,9 +103,11 @@ def test_car_stage_runs_on_the_trained_base_and_tokenizer(tmp_path, cache_dir, t
 
     # conv_precision=bf16 as the demo profiles run it (auto on this CPU): control stem and encode in bf16.
     overrides = (f"vae.build.path={tok}", f"model.build.base_weights={base}", "conv_precision=bf16")
-    result = run(make_cfg(tmp_path, cache_dir, *overrides))
+    cfg = make_cfg(tmp_path, cache_dir, *overrides)
+    result = run(cfg)
     assert result["stage"] == "car" and result["global_step"] == 2
-    pilot = build_pilot("infinity_pilot_tiny", base_weights=str(base), car_depth=2, control_channels=[16, 32, 64, 128])
+    stem = list(cfg.model.build.control_channels)  # model=demo's control stem
+    pilot = build_pilot("infinity_pilot_tiny", base_weights=str(base), car_depth=2, control_channels=stem)
     assert pilot.control_patch == 8
     load_car_weights(pilot, Path(result["export_dir"]) / "car_weights.safetensors")
     # The base inside the pilot is the base stage's export, untouched by the CAR stage.
