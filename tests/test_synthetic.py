@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tarfile
 
 import cv2
 import numpy as np
@@ -143,6 +144,8 @@ def test_shards_identical_for_any_worker_count_and_readable(tmp_path):
     assert [s["num_samples"] for s in m0["shards"]] == [5, 5, 2]
     for s in m0["shards"]:
         assert (tmp_path / "w0" / s["name"]).read_bytes() == (tmp_path / "w2" / s["name"]).read_bytes()
+        with tarfile.open(tmp_path / "w0" / s["name"]) as tar:  # one header block per member, no PAX extras
+            assert not any(m.pax_headers for m in tar.getmembers())
     assert m0["num_samples"] == 12 and m0["conditions"] == ["glyph", "canny"] and m0["image_ext"] == "png"
     assert m0["templates"] == {"0.500": 12} and m0["format"] == SHARD_FORMAT and m0["source"] == "synthetic"
     assert m0["generator"]["seed"] == 3 and m2["generator"]["size"] == [64, 128]

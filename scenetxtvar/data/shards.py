@@ -200,7 +200,7 @@ class ShardSetWriter:
         source: str = "unknown",
         generator: Mapping[str, Any] | None = None,
         overwrite: bool = False,
-        mtime: float = 0.0,
+        mtime: int = 0,
     ) -> None:
         """Prepare ``out_dir`` (refuses existing shards/manifest unless ``overwrite``); ``mtime`` fixes tar times."""
         if image_ext not in IMAGE_EXTS:
@@ -217,7 +217,9 @@ class ShardSetWriter:
             raise ValueError(f"conditions must be unique, got {conditions}")
         self.out_dir = Path(out_dir)
         self.conditions, self.image_ext, self.prefix = conditions, image_ext, prefix
-        self.maxcount, self.source, self.mtime = int(maxcount), source, float(mtime)
+        # A whole-second mtime: a float one gives every member its own PAX header block (tarfile's default format;
+        # webdataset's TarWriter does not pass on its `format`), which doubles the headers a reader parses.
+        self.maxcount, self.source, self.mtime = int(maxcount), source, int(mtime)
         self.generator = dict(generator or {})
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._prepare_dir(overwrite)
