@@ -95,6 +95,37 @@ def train_stage(stage: str, profile: DictConfig, run_dir: Path, inputs: list[str
     return run(compose_app("train", overrides))
 
 
+def num_processes(trainer: DictConfig) -> int:
+    """Processes that ``trainer.devices`` x ``trainer.num_nodes`` asks for (``auto`` / -1: the GPUs, 1 on a CPU)."""
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, str) and "," in devices:  # "0,1": device indices
+        devices = [d for d in devices.split(",") if d.strip()]
+    elif devices in ("auto", -1, "-1"):
+        import torch
+
+        on_gpu = str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        devices = torch.cuda.device_count() if on_gpu else 1
+    count = int(devices) if isinstance(devices, (int, str)) else len(devices)
+    return count * int(trainer.get("num_nodes", 1))
+
+
+def multi_process_problem(cfg: DictConfig) -> str | None:
+    """Why ``cfg`` cannot train inside the demo, or None.
+
+    The demo calls ``trainer.fit`` once per stage in one script. With several devices, Lightning's default
+    launcher starts this whole script again in every other process, each with its own output folder, and
+    they part ways after the first stage. Spawned workers run only the fit.
+    """
+    n = num_processes(cfg.trainer)
+    if n == 1 or OmegaConf.select(cfg, "strategy.start_method") in ("spawn", "forkserver"):
+        return None
+    return (
+        f"the demo trains its stages one after another in one script, and trainer.devices x trainer.num_nodes "
+        f"asks for {n} processes: Lightning's launcher would start the whole demo again in each. Add "
+        "+strategy.start_method=spawn (strategy=ddp), or run the stages with train.py (stage=tokenizer|base|car)."
+    )
+
+
 def check_tokenizer(tokenizer_path: Path, cfg: DictConfig, eval_seed: int, num_images: int, out_dir: Path) -> dict:
     """OCR of the trained tokenizer's reconstructions of held-out words (and of the originals)."""
     from .evaluation.reconstruction import evaluate_reconstructions
@@ -142,6 +173,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"no such file: {given}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     profile = load_profile(args.profile)
+    for name in ("tokenizer", "base", "car"):
+        problem = multi_process_problem(
+            compose_app("train", merge_overrides(_list(profile, "common"), _list(profile, name), args.overrides))
+        )
+        if problem:
+            parser.error(f"stage={name}: {problem}")
     out = Path(args.out) / time.strftime("%Y-%m-%d_%H-%M-%S")
     eval_seed = int(profile.get("eval_seed", 777))
     extra = list(args.overrides)

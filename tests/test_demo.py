@@ -191,3 +191,20 @@ def test_demo_refuses_reuse_it_cannot_honour(tmp_path: Path, capsys: pytest.Capt
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--tokenizer", str(tmp_path / "missing.safetensors")])
     assert "no such file" in capsys.readouterr().err
+
+
+def test_demo_refuses_devices_its_stages_cannot_share(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Several devices under Lightning's default launcher would re-run the whole demo per process."""
+    from omegaconf import OmegaConf
+
+    from scenetxtvar.demo import num_processes
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "strategy=ddp", "trainer.devices=2"])
+    assert "asks for 2 processes" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything was made
+    counts = {"1": 1, "2": 2, "0,1": 2, "auto": 1}  # auto: 1 on a CPU
+    for devices, n in counts.items():
+        trainer = OmegaConf.create({"devices": devices, "num_nodes": 1, "accelerator": "cpu"})
+        assert num_processes(trainer) == n
+    assert num_processes(OmegaConf.create({"devices": [0, 1], "num_nodes": 2})) == 4
