@@ -95,20 +95,6 @@ def train_stage(stage: str, profile: DictConfig, run_dir: Path, inputs: list[str
     return run(compose_app("train", overrides))
 
 
-def num_processes(trainer: DictConfig) -> int:
-    """Processes that ``trainer.devices`` x ``trainer.num_nodes`` asks for (``auto`` / -1: the GPUs, 1 on a CPU)."""
-    devices = trainer.get("devices", 1)
-    if isinstance(devices, str) and "," in devices:  # "0,1": device indices
-        devices = [d for d in devices.split(",") if d.strip()]
-    elif devices in ("auto", -1, "-1"):
-        import torch
-
-        on_gpu = str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-        devices = torch.cuda.device_count() if on_gpu else 1
-    count = int(devices) if isinstance(devices, (int, str)) else len(devices)
-    return count * int(trainer.get("num_nodes", 1))
-
-
 def multi_process_problem(cfg: DictConfig) -> str | None:
     """Why ``cfg`` cannot train inside the demo, or None.
 
@@ -116,6 +102,8 @@ def multi_process_problem(cfg: DictConfig) -> str | None:
     launcher starts this whole script again in every other process, each with its own output folder, and
     they part ways after the first stage. Spawned workers run only the fit.
     """
+    from .training.run import num_processes
+
     n = num_processes(cfg.trainer)
     if n == 1 or OmegaConf.select(cfg, "strategy.start_method") in ("spawn", "forkserver"):
         return None

@@ -197,7 +197,7 @@ def test_demo_refuses_devices_its_stages_cannot_share(tmp_path: Path, capsys: py
     """Several devices under Lightning's default launcher would re-run the whole demo per process."""
     from omegaconf import OmegaConf
 
-    from scenetxtvar.demo import num_processes
+    from scenetxtvar.training.run import num_processes
 
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "strategy=ddp", "trainer.devices=2"])

@@ -81,6 +81,18 @@ def synthetic_datamodule(
     )
 
 
+def num_processes(trainer: DictConfig) -> int:
+    """Processes that ``trainer.devices`` x ``trainer.num_nodes`` asks for (``auto`` / -1: the GPUs, 1 on a CPU)."""
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, str) and "," in devices:  # "0,1": device indices
+        devices = [d for d in devices.split(",") if d.strip()]
+    elif devices in ("auto", -1, "-1"):
+        on_gpu = str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        devices = torch.cuda.device_count() if on_gpu else 1
+    count = int(devices) if isinstance(devices, (int, str)) else len(devices)
+    return count * int(trainer.get("num_nodes", 1))
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Nonsense overrides fail here, before anything big is built or trained."""
     names = list(cfg.condition.names)
@@ -110,11 +122,9 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value:
             require_file(value, key, what)
-    devices = cfg.trainer.get("devices", 1)
-    n_dev = devices if isinstance(devices, int) else (len(devices) if not isinstance(devices, str) else 1)
     global_batch = cfg.get("global_batch_size")
     if global_batch is not None:
-        world = n_dev * int(cfg.trainer.get("num_nodes", 1))
+        world = num_processes(cfg.trainer)
         if global_batch % world:
             raise ValueError(
                 f"global_batch_size={global_batch} is not divisible by the {world} devices "
