@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from scenetxtvar.text import (
+    CachedTextEncoder,
     PackedText,
     T5TextEncoder,
     TextEncoder,
     TinyTextEncoder,
     as_packed_text,
-    build_text_encoder,
     pack_text,
 )
+from scenetxtvar.training.builders import build_text_encoder
 
 PROMPTS = ['a shop sign that reads "OPEN"', "", "héllo wörld", "a red stop sign"]
 
@@ -141,10 +142,66 @@ def test_encoder_rejects_bad_prompts(tiny: TinyTextEncoder, prompts: object, err
         tiny.encode(prompts)  # type: ignore[arg-type]
 
 
+class _CountingEncoder(torch.nn.Module):
+    """The tiny encoder, recording the prompts it is asked to encode."""
+
+    def __init__(self, inner: TinyTextEncoder) -> None:
+        super().__init__()
+        self.inner, self.dim, self.max_length, self.calls = inner, inner.dim, inner.max_length, []
+
+    def encode(self, prompts):
+        self.calls.append(list(prompts))
+        return self.inner.encode(prompts)
+
+
+def test_cached_encoder_matches_the_encoder_and_encodes_each_prompt_once(tiny: TinyTextEncoder) -> None:
+    counting = _CountingEncoder(tiny)
+    cached = CachedTextEncoder(counting, max_prompts=8)
+    first = cached.encode(PROMPTS)
+    again = cached.encode([PROMPTS[2], "new one", PROMPTS[0], PROMPTS[2]])
+    assert counting.calls == [PROMPTS, ["new one"]]  # repeats inside a batch encoded once too
+    assert (cached.hits, cached.misses) == (3 + 0, 4 + 1)
+    ref = tiny.encode(PROMPTS)
+    assert torch.equal(first.lens, ref.lens) and torch.equal(first.cu_seqlens_k, ref.cu_seqlens_k)
+    torch.testing.assert_close(first.kv_compact, ref.kv_compact, atol=1e-5, rtol=0)
+    want = tiny.encode([PROMPTS[2], "new one", PROMPTS[0], PROMPTS[2]])
+    assert torch.equal(again.lens, want.lens) and again.max_seqlen_k == want.max_seqlen_k
+    torch.testing.assert_close(again.kv_compact, want.kv_compact, atol=1e-5, rtol=0)
+
+
+def test_cached_encoder_keeps_the_most_recent_prompts(tiny: TinyTextEncoder) -> None:
+    counting = _CountingEncoder(tiny)
+    cached = CachedTextEncoder(counting, max_prompts=2)
+    cached.encode(["a", "b"])
+    cached.encode(["a"])  # "a" is now the most recent, so "c" evicts "b"
+    cached.encode(["c"])
+    cached.encode(["a", "b"])
+    assert counting.calls == [["a", "b"], ["c"], ["b"]]
+    big = cached.encode(["x", "y", "z"])  # more new prompts than the bound still come back whole
+    assert big.batch_size == 3 and len(cached._rows) == 2
+
+
+def test_cached_encoder_forgets_on_device_or_dtype_moves(tiny: TinyTextEncoder) -> None:
+    counting = _CountingEncoder(TinyTextEncoder(dim=32, num_heads=2, max_length=16))
+    cached = CachedTextEncoder(counting, max_prompts=4)
+    cached.encode(["a"])
+    cached.to("cpu")  # where it already is (generate() does this every call)
+    cached.encode(["a"])
+    cached.double()
+    cached.encode(["a"])
+    assert counting.calls == [["a"], ["a"]]
+    cached.train()
+    assert not cached.training and not counting.inner.model.training
+    with pytest.raises(ValueError, match="max_prompts"):
+        CachedTextEncoder(counting, max_prompts=0)
+
+
 def test_build_text_encoder() -> None:
     enc = build_text_encoder("tiny", dim=32, num_heads=2, seed=3)
     assert isinstance(enc, TinyTextEncoder) and enc.dim == 32
-    with pytest.raises(ValueError, match="kind must be one of"):
+    cached = build_text_encoder("tiny", dim=32, num_heads=2, cache_prompts=5)
+    assert isinstance(cached, CachedTextEncoder) and cached.max_prompts == 5 and cached.dim == 32
+    with pytest.raises(ValueError, match="text.kind must be"):
         build_text_encoder("clip")
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from ..checkpoint import load_car_weights
 from ..models.pilot import InfinityPilot
 from ..models.registry import build_pilot_preset
-from ..text import TextEncoder, TinyTextEncoder
+from ..text import CachedTextEncoder, TextEncoder, TinyTextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -133,14 +133,21 @@ def _load_bsq_checked(path: Path, config: dict[str, Any]) -> nn.Module:
     return vae
 
 
-def build_text_encoder(kind: str = "tiny", path: str | None = None, **kwargs: Any) -> TextEncoder:
-    """The frozen text encoder: Flan-T5 from a local directory, or the tiny offline one."""
+def build_text_encoder(
+    kind: str = "tiny", path: str | None = None, cache_prompts: int = 0, **kwargs: Any
+) -> TextEncoder:
+    """The frozen text encoder: Flan-T5 from a local directory, or the tiny offline one.
+
+    ``cache_prompts > 0`` remembers the features of that many prompts (:class:`~scenetxtvar.text.CachedTextEncoder`).
+    """
     if kind == "tiny":
-        return TinyTextEncoder(**kwargs)
-    if kind == "t5":
+        encoder = TinyTextEncoder(**kwargs)
+    elif kind == "t5":
         from ..text import T5TextEncoder
 
         if not path:
             raise FileNotFoundError("text.path is not set: point it at a local copy of google/flan-t5-xl")
-        return T5TextEncoder(require_file(path, "text.path", "Flan-T5 directory"), **kwargs)
-    raise ValueError(f"text.kind must be 'tiny' or 't5', got {kind!r}")
+        encoder = T5TextEncoder(require_file(path, "text.path", "Flan-T5 directory"), **kwargs)
+    else:
+        raise ValueError(f"text.kind must be 'tiny' or 't5', got {kind!r}")
+    return CachedTextEncoder(encoder, cache_prompts) if cache_prompts else encoder
