@@ -53,7 +53,9 @@ def tiny_run(tmp_path_factory, cache_dir):
     from scenetxtvar.training.run import run
 
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = make_cfg(run_dir, cache_dir, "trainer.max_steps=5", "callbacks.checkpoint.every_n_train_steps=5")
+    cfg = make_cfg(
+        run_dir, cache_dir, "trainer.max_steps=5", "callbacks.checkpoint.every_n_train_steps=5", "text.cache_prompts=64"
+    )
     return cfg, run(cfg)
 
 
@@ -70,6 +72,10 @@ def test_tiny_run_writes_lightning_checkpoints_and_a_car_export(tiny_run):
     assert (run_dir / "export" / "car_config.json").exists()
     header, *rows = (run_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     assert "train/loss" in header.split(",") and "perf/tokens_per_s" in header.split(",") and rows
+    # text.cache_prompts is on in this run: the cache's hit rate is logged, a share
+    column = header.split(",").index("perf/text_cache_hit_rate")
+    rates = [float(v) for row in rows if (v := row.split(",")[column])]
+    assert rates and all(0.0 <= r <= 1.0 for r in rates)
 
 
 def test_training_changes_only_the_car_branch(tiny_run, tmp_path):

@@ -271,6 +271,10 @@ class TransformerStage(L.LightningModule):
             dt = now - self._last_step_time
             self.log_dict({"perf/images_per_s": b / dt, "perf/tokens_per_s": float(stats["tokens"]) / dt}, batch_size=b)
         self._last_step_time = now
+        # text.cache_prompts > 0: the share of prompts served from the cache so far (is the cache big enough?)
+        hits, misses = getattr(self._text, "hits", 0), getattr(self._text, "misses", 0)
+        if hits + misses:
+            self.log("perf/text_cache_hit_rate", hits / (hits + misses), batch_size=b)
         return stats["loss"]
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
