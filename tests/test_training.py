@@ -277,3 +277,20 @@ def test_conv_precision_resolves_auto_and_refuses_unknown_values(monkeypatch, ti
             conditions=list(cfg.condition.names),
             conv_precision="auto",
         )
+
+
+@pytest.mark.parametrize(
+    ("precision", "clip", "expected"),
+    [("32-true", 5.0, {"fused": True}), ("bf16-mixed", None, {"fused": True}), ("bf16-mixed", 5.0, {"foreach": True})],
+)
+def test_adamw_kernel_is_fused_unless_lightning_refuses_it(precision, clip, expected):
+    """Fused AdamW everywhere it may run: Lightning's mixed-precision plugin refuses to clip gradients for a
+    fused optimizer, so clipped mixed-precision runs take the multi-tensor path (and still clip)."""
+    import lightning as L
+
+    from scenetxtvar.training.module import adamw_kernel
+
+    trainer = L.Trainer(accelerator="cpu", precision=precision, gradient_clip_val=clip, logger=False)
+    assert adamw_kernel(trainer, torch.device("cpu")) == expected
+    assert adamw_kernel(None, torch.device("cpu")) == {"fused": True}
+    assert adamw_kernel(None, torch.device("meta")) == {}

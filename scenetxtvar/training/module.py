@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 
 from ..bitwise import scale_loss_weights
@@ -183,6 +184,22 @@ DEFAULT_LOSS: dict[str, Any] = {
 }
 
 
+def adamw_kernel(trainer, device: torch.device) -> dict[str, bool]:
+    """How AdamW runs its update: one fused kernel over all tensors where Lightning allows it, else the
+    multi-tensor (foreach) path; torch's CPU default is a Python loop over the tensors (the demo
+    tokenizer's 72: 8.1 ms a step, foreach 4.8, fused 1.2 on a 2-core CPU).
+
+    Lightning's mixed-precision plugin refuses gradient clipping with a fused optimizer (it unscales
+    inside its step), bf16 included, so clipped mixed-precision runs take foreach.
+    """
+    if device.type not in ("cuda", "cpu"):
+        return {}
+    clips = trainer is not None and bool(trainer.gradient_clip_val)
+    if clips and isinstance(trainer.precision_plugin, MixedPrecision):
+        return {"foreach": True}
+    return {"fused": True}
+
+
 def adamw_with_schedule(
     named: Sequence[tuple[str, nn.Parameter]],
     cfg: Mapping[str, Any],
@@ -197,7 +214,7 @@ def adamw_with_schedule(
         [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": keep, "weight_decay": 0.0}],
         lr=cfg["lr"],
         betas=tuple(cfg["betas"]),
-        fused=device.type == "cuda",
+        **adamw_kernel(trainer, device),
     )
     total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else 0
     sched = torch.optim.lr_scheduler.LambdaLR(
