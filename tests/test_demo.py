@@ -22,9 +22,12 @@ def test_profiles_compose_and_full_inherits_quick() -> None:
         return [int(o.split("=", 1)[1]) for o in overrides if o.startswith("trainer.max_steps=")]
 
     assert len(steps(full.tokenizer)) == 1 and steps(full.tokenizer)[0] > steps(quick.tokenizer)[0]
-    assert [o for o in full.tokenizer if o.startswith("tokenizer_stage.")] == [
-        o for o in quick.tokenizer if o.startswith("tokenizer_stage.")
-    ]
+    full_tok = [o for o in full.tokenizer if o.startswith("tokenizer_stage.")]
+    quick_tok = [o for o in quick.tokenizer if o.startswith("tokenizer_stage.")]
+    # The glyph weight full names replaces quick's in place (one entry per key); the rest is inherited.
+    assert "tokenizer_stage.loss.glyph_weight=0.5" in full_tok and "tokenizer_stage.loss.glyph_weight=1.0" in quick_tok
+    assert [o.split("=")[0] for o in full_tok] == [o.split("=")[0] for o in quick_tok]
+    assert [o for o in full_tok if "glyph_weight" not in o] == [o for o in quick_tok if "glyph_weight" not in o]
     assert "model=demo" in full.common and "data.num_train=8000" in full.common
     assert not any(o.startswith("data.num_train=4000") for o in full.common)
     with pytest.raises(ValueError, match="unknown demo profile"):
