@@ -184,6 +184,21 @@ def test_demo_tokenizer_only_stops_after_the_reconstruction_check(tmp_path: Path
     assert sorted(p.name for p in Path(summary["out"]).iterdir()) == ["demo_summary.json", "tokenizer"]
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+def test_demo_trains_a_stage_in_spawned_processes(tmp_path: Path) -> None:
+    """The launch the demo's refusal suggests: two spawned CPU ranks train, and the demo still sees their steps."""
+    spawn = ["strategy=ddp", "+strategy.start_method=spawn", "trainer.devices=2", "trainer.accelerator=cpu"]
+    summary = main(
+        ["--out", str(tmp_path), "--tokenizer-only", "--recon-images", "4", f"paths.cache_dir={tmp_path}/cache"]
+        + SMOKE
+        + spawn
+    )
+    assert summary["steps"] == {"tokenizer": 2}  # the workers' step count, not the idle main process's 0
+    export = Path(summary["run_dirs"]["tokenizer"]) / "export" / "tokenizer.safetensors"
+    assert export.exists() and 0.0 <= summary["metrics"]["tokenizer_recon_sen_acc"] <= 1.0
+
+
 def test_demo_refuses_reuse_it_cannot_honour(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--base", str(tmp_path / "base.safetensors")])

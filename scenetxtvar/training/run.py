@@ -275,6 +275,25 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
     )
 
 
+class FinalStepCallback(L.Callback):
+    """Hands the trained step count back to the main process under Lightning's spawn launcher.
+
+    With ``strategy.start_method=spawn`` the workers train and the main process's Trainer never steps; of the
+    worker's state it receives the weights and ``callback_metrics``, so the step count travels there.
+    """
+
+    key = "_final_global_step"
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.callback_metrics[self.key] = torch.tensor(trainer.global_step)
+
+
+def trained_steps(trainer: L.Trainer) -> int:
+    """The fit's final global step (the worker's one after a spawned fit); removes the hand-over metric."""
+    step = trainer.callback_metrics.pop(FinalStepCallback.key, None)
+    return int(step) if step is not None else trainer.global_step
+
+
 def _finish_wandb(trainer: L.Trainer) -> None:
     """Close this run's wandb run, so the next job of a multirun gets its own."""
     if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
@@ -297,8 +316,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         torch.use_deterministic_algorithms(True, warn_only=True)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
-    trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir), build_loggers(cfg, run_dir))
+    callbacks = [*build_callbacks(cfg, run_dir), FinalStepCallback()]
+    trainer = build_trainer(cfg, run_dir, callbacks, build_loggers(cfg, run_dir))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    global_step = trained_steps(trainer)
     if isinstance(module, PilotModule):
         export_car(module.model, run_dir / "export", write=trainer.is_global_zero)
     else:
@@ -310,7 +331,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "export_dir": str(run_dir / "export"),
         "checkpoint_dir": str(run_dir / "checkpoints"),
         "stage": cfg.get("stage", "car"),
-        "global_step": trainer.global_step,
+        "global_step": global_step,
         "metrics": metrics,
     }
     logger.info("finished: %s", result)
