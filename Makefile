@@ -31,7 +31,7 @@ test-fast: setup  ## the suite without tests marked slow
 demo: setup  ## tokenizer -> base -> CAR stages on synthetic scenes, then evaluate (10-13 CPU minutes with AMX, ~20 on AVX2)
 	$(BIN)/python -m scenetxtvar.demo --profile quick
 
-demo-full: setup  ## the same with the budgets that aim at the legibility targets (24 CPU minutes with AMX, 46-55 on AVX2)
+demo-full: setup  ## the same with the budgets that aim at the legibility targets (~57 CPU minutes on a 2-core AVX2 machine; fewer with AMX)
 	$(BIN)/python -m scenetxtvar.demo --profile full
 
 lint: setup  ## ruff check + format check
