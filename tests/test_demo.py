@@ -195,8 +195,15 @@ def test_demo_trains_a_stage_in_spawned_processes(tmp_path: Path) -> None:
         + spawn
     )
     assert summary["steps"] == {"tokenizer": 2}  # the workers' step count, not the idle main process's 0
-    export = Path(summary["run_dirs"]["tokenizer"]) / "export" / "tokenizer.safetensors"
-    assert export.exists() and 0.0 <= summary["metrics"]["tokenizer_recon_sen_acc"] <= 1.0
+    run_dir = Path(summary["run_dirs"]["tokenizer"])
+    assert 0.0 <= summary["metrics"]["tokenizer_recon_sen_acc"] <= 1.0
+    # The main process exports after the workers are gone: the file must hold rank 0's trained weights (those of
+    # its step-2 checkpoint), not the main process's untrained copy.
+    from safetensors.torch import load_file
+
+    exported = load_file(run_dir / "export" / "tokenizer.safetensors")
+    trained = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert exported and all(torch.equal(v, trained[f"vae.{k}"]) for k, v in exported.items())
 
 
 def test_demo_refuses_reuse_it_cannot_honour(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
