@@ -279,6 +279,54 @@ def test_conv_precision_resolves_auto_and_refuses_unknown_values(monkeypatch, ti
         )
 
 
+def test_glyph_token_weights_favour_stroke_tokens_and_keep_each_scale_total():
+    from scenetxtvar.training.module import glyph_token_weights
+
+    sched = [(1, 1), (1, 2), (2, 4), (4, 8)]
+    mask = torch.zeros(2, 1, 32, 64)
+    mask[0, :, 8:16, 16:48] = 1  # one text line in sample 0 (grid row 1, columns 2-5 at 4x8); none in sample 1
+    w = glyph_token_weights(mask, sched, 4.0)
+    assert w.shape == (2, 1 + 2 + 8 + 32)
+    start = 0
+    for h, wd in sched:
+        assert torch.allclose(w[:, start : start + h * wd].mean(1), torch.ones(2))
+        start += h * wd
+    last = w[0, 11:].view(4, 8)
+    assert (last[1, 2:6] > 1).all() and (last[0] < 1).all() and (last[1, 2:6] == last[1, 2]).all()
+    assert torch.equal(w[1], torch.ones(43))  # no text: every token counts the same
+    assert torch.equal(glyph_token_weights(mask, sched, 0.0), torch.ones(2, 43))
+
+
+def test_glyph_weighted_loss_moves_the_loss_onto_text_tokens(tiny_run):
+    """loss.glyph_weight > 0: the same batch and weights give another (finite, differentiable) loss; 0 is the
+    official per-scale loss."""
+    from scenetxtvar.training.module import PilotModule
+
+    cfg, _ = tiny_run
+    gen = torch.Generator().manual_seed(1)
+    batch = {
+        "images": torch.rand(2, 3, 64, 64, generator=gen) * 2 - 1,
+        "controls": (torch.rand(2, 3, 64, 64, generator=gen) > 0.8) * 2.0 - 1,
+        "captions": ['a sign that says "OPEN"', 'a sign that says "CAFE"'],
+        "schedule": [[1, 1, 1], [1, 2, 2], [1, 4, 4]],
+    }
+    losses = {}
+    for weight in (0.0, 4.0):
+        torch.manual_seed(0)
+        module = PilotModule(
+            model=OmegaConf.to_container(cfg.model.build, resolve=True),
+            vae=OmegaConf.to_container(cfg.vae.build, resolve=True),
+            text=OmegaConf.to_container(cfg.text, resolve=True),
+            conditions=list(cfg.condition.names),
+            loss={"glyph_weight": weight},
+        )
+        stats = module.compute_loss(batch, noise=False, drop_control=False)
+        stats["loss"].backward()
+        losses[weight] = stats["loss"].item()
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in module.model.car_control_convs.parameters())
+    assert losses[4.0] != pytest.approx(losses[0.0], rel=1e-6)
+
+
 @pytest.mark.parametrize(
     ("precision", "clip", "expected"),
     [("32-true", 5.0, {"fused": True}), ("bf16-mixed", None, {"fused": True}), ("bf16-mixed", 5.0, {"foreach": True})],

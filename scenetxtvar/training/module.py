@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..bitwise import scale_loss_weights
 from ..models.pilot import InfinityPilot, build_control_pyramid, is_car_key
@@ -138,14 +139,20 @@ def scale_loss_stats(
     sched: Sequence[Sequence[int]],
     valid: Tensor,
     loss_cfg: Mapping[str, Any],
+    token_weights: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Next-scale loss (per-scale reweighted, invalid samples ignored), accuracies and per-scale statistics."""
+    """Next-scale loss (per-scale reweighted, invalid samples ignored), accuracies and per-scale statistics.
+
+    ``token_weights`` (B, L), optional: multipliers on the per-token loss (e.g. :func:`glyph_token_weights`).
+    """
     device = logits.device
     per_token = codes.loss_per_token(logits, labels, loss_cfg["label_smoothing"])
     if loss_cfg["reweight_by_scale"]:
         weights = scale_loss_weights(sched, device=device)
     else:
         weights = torch.full((per_token.shape[1],), 1.0 / per_token.shape[1], device=device)
+    if token_weights is not None:
+        weights = weights * token_weights
     per_sample = (per_token * weights).sum(dim=1)
     loss = (per_sample * valid).sum() / valid.sum().clamp_min(1.0)
     with torch.no_grad():
@@ -166,6 +173,21 @@ def scale_loss_stats(
     return stats
 
 
+def glyph_token_weights(mask: Tensor, sched: Sequence[Sequence[int]], weight: float) -> Tensor:
+    """(B, L) loss multipliers that make text tokens count more *within* each scale.
+
+    ``mask`` (B, 1, H, W) is 1 on text strokes. A token's glyph coverage ``c`` (the mask's mean over its patch at
+    that scale's grid) gives ``1 + weight * c``, divided by the scale's mean so each scale keeps its total weight
+    (the scale reweighting stays as configured): the bits that draw the strokes get more of the gradient than
+    the background's, which no caption or control can predict.
+    """
+    parts = []
+    for _, h, w in normalize_schedule(sched):
+        m = 1.0 + weight * F.adaptive_avg_pool2d(mask.float(), (h, w)).flatten(1)
+        parts.append(m / m.mean(dim=1, keepdim=True))
+    return torch.cat(parts, dim=1)
+
+
 CONV_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 DEFAULT_OPTIM: dict[str, Any] = {
@@ -181,6 +203,7 @@ DEFAULT_LOSS: dict[str, Any] = {
     "noise_layers": 13,
     "reweight_by_scale": True,
     "label_smoothing": 0.0,
+    "glyph_weight": 0.0,
 }
 
 
@@ -379,7 +402,13 @@ class PilotModule(TransformerStage):
         if drop_control and self.control_dropout > 0:
             keep = torch.rand(b, device=self.device) >= self.control_dropout
         logits = self.model(text, targets.x_BLC_wo_prefix, sched, control_tensors=pyramid, control_keep=keep)
-        return scale_loss_stats(self.codes, logits, targets.labels, sched, valid, self.loss_cfg)
+        token_weights = None
+        glyph_weight = float(self.loss_cfg["glyph_weight"])
+        if glyph_weight > 0 and "glyph" in self.conditions:
+            i = self.conditions.index("glyph")
+            mask = (controls[:, 3 * i : 3 * i + 3] > 0).any(dim=1, keepdim=True)
+            token_weights = glyph_token_weights(mask, sched, glyph_weight)
+        return scale_loss_stats(self.codes, logits, targets.labels, sched, valid, self.loss_cfg, token_weights)
 
     # ------------------------------------------------------------------ Lightning hooks
 
