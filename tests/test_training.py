@@ -212,6 +212,17 @@ def test_slurm_launcher_and_sweep_configs_compose():
         }
 
 
+def tiny_pilot_batch() -> dict:
+    """Two 64x64 samples with random glyph strokes on the tiny 3-scale schedule."""
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "images": torch.rand(2, 3, 64, 64, generator=gen) * 2 - 1,
+        "controls": (torch.rand(2, 3, 64, 64, generator=gen) > 0.8) * 2.0 - 1,
+        "captions": ['a sign that says "OPEN"', 'a sign that says "CAFE"'],
+        "schedule": [[1, 1, 1], [1, 2, 2], [1, 4, 4]],
+    }
+
+
 def test_conv_precision_bf16_runs_the_stem_and_encoder_in_bf16_only(tiny_run):
     """conv_precision=bf16: the control stem and the tokenizer's encode under bf16 autocast; the transformer,
     the loss and the trainable weights' gradients stay fp32, and the loss stays near the fp32 one."""
@@ -229,13 +240,7 @@ def test_conv_precision_bf16_runs_the_stem_and_encoder_in_bf16_only(tiny_run):
             conv_precision=precision,
         )
 
-    gen = torch.Generator().manual_seed(1)
-    batch = {
-        "images": torch.rand(2, 3, 64, 64, generator=gen) * 2 - 1,
-        "controls": (torch.rand(2, 3, 64, 64, generator=gen) > 0.8) * 2.0 - 1,
-        "captions": ['a sign that says "OPEN"', 'a sign that says "CAFE"'],
-        "schedule": [[1, 1, 1], [1, 2, 2], [1, 4, 4]],
-    }
+    batch = tiny_pilot_batch()
     losses = {}
     for precision in ("fp32", "bf16"):
         module = build(precision)
@@ -303,13 +308,7 @@ def test_glyph_weighted_loss_moves_the_loss_onto_text_tokens(tiny_run):
     from scenetxtvar.training.module import PilotModule
 
     cfg, _ = tiny_run
-    gen = torch.Generator().manual_seed(1)
-    batch = {
-        "images": torch.rand(2, 3, 64, 64, generator=gen) * 2 - 1,
-        "controls": (torch.rand(2, 3, 64, 64, generator=gen) > 0.8) * 2.0 - 1,
-        "captions": ['a sign that says "OPEN"', 'a sign that says "CAFE"'],
-        "schedule": [[1, 1, 1], [1, 2, 2], [1, 4, 4]],
-    }
+    batch = tiny_pilot_batch()
     losses = {}
     for weight in (0.0, 4.0):
         torch.manual_seed(0)
