@@ -115,6 +115,31 @@ def test_car_stage_runs_on_the_trained_base_and_tokenizer(tmp_path, cache_dir, t
     assert all(torch.equal(pilot.state_dict()[k], v) for k, v in base_sd.items())
 
 
+def test_car_stage_with_an_ema_exports_the_averaged_weights(tmp_path, cache_dir, tokenizer_run, base_run):
+    """`make demo`'s CAR stage averages its weights (Lightning's EMAWeightAveraging): the export evaluate.py
+    reads is the average the checkpoint holds, not the raw weights of the last step."""
+    from scenetxtvar.training.run import run
+
+    tok = Path(tokenizer_run["export_dir"]) / "tokenizer.safetensors"
+    base = Path(base_run["export_dir"]) / "base.safetensors"
+    cfg = make_cfg(
+        tmp_path,
+        cache_dir,
+        f"vae.build.path={tok}",
+        f"model.build.base_weights={base}",
+        "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
+        "+callbacks.ema.decay=0.5",
+    )
+    result = run(cfg)
+    exported = load_file(Path(result["export_dir"]) / "car_weights.safetensors")
+    ckpt = torch.load(next(Path(result["checkpoint_dir"]).glob("*step=2.ckpt")), map_location="cpu", weights_only=False)
+    average = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    raw = {k.removeprefix("model."): v for k, v in ckpt["current_model_state"].items()}
+    assert set(exported) == set(average)
+    assert all(torch.equal(exported[k], average[k]) for k in exported)
+    assert any(not torch.equal(exported[k], raw[k]) for k in exported)
+
+
 def _bad_tokenizer(path: Path) -> Path:
     from scenetxtvar.tokenizers import BSQVAE, BSQVAEConfig
     from scenetxtvar.training.tokenizer_stage import export_tokenizer

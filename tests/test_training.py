@@ -302,14 +302,15 @@ def test_glyph_token_weights_favour_stroke_tokens_and_keep_each_scale_total():
     assert torch.equal(glyph_token_weights(mask, sched, 0.0), torch.ones(2, 43))
 
 
-def test_glyph_weighted_loss_moves_the_loss_onto_text_tokens(tiny_run):
-    """loss.glyph_weight > 0: the same batch and weights give another (finite, differentiable) loss; 0 is the
-    official per-scale loss."""
+def test_glyph_weighted_loss_changes_the_loss_only_where_there_is_text(tiny_run):
+    """loss.glyph_weight > 0: the same batch and weights give another (finite, differentiable) loss; a batch
+    without glyph strokes gives exactly the official per-scale loss (every token of a scale weighs the same)."""
     from scenetxtvar.training.module import PilotModule
 
     cfg, _ = tiny_run
     batch = tiny_pilot_batch()
-    losses = {}
+    blank = {**batch, "controls": -torch.ones_like(batch["controls"])}
+    losses, blank_losses = {}, {}
     for weight in (0.0, 4.0):
         torch.manual_seed(0)
         module = PilotModule(
@@ -323,7 +324,9 @@ def test_glyph_weighted_loss_moves_the_loss_onto_text_tokens(tiny_run):
         stats["loss"].backward()
         losses[weight] = stats["loss"].item()
         assert all(p.grad is not None and p.grad.isfinite().all() for p in module.model.car_control_convs.parameters())
+        blank_losses[weight] = module.compute_loss(blank, noise=False, drop_control=False)["loss"].item()
     assert losses[4.0] != pytest.approx(losses[0.0], rel=1e-6)
+    assert blank_losses[4.0] == pytest.approx(blank_losses[0.0], rel=1e-6)
 
 
 @pytest.mark.parametrize(

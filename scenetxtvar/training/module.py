@@ -173,6 +173,12 @@ def scale_loss_stats(
     return stats
 
 
+def glyph_mask(controls: Tensor, conditions: Sequence[str]) -> Tensor:
+    """(B, 1, H, W) float: 1 where any channel of the batch's glyph condition is > 0 (text strokes)."""
+    i = list(conditions).index("glyph")
+    return (controls[:, 3 * i : 3 * i + 3] > 0).any(dim=1, keepdim=True).float()
+
+
 def glyph_token_weights(mask: Tensor, sched: Sequence[Sequence[int]], weight: float) -> Tensor:
     """(B, L) loss multipliers that make text tokens count more *within* each scale.
 
@@ -183,7 +189,7 @@ def glyph_token_weights(mask: Tensor, sched: Sequence[Sequence[int]], weight: fl
     """
     parts = []
     for _, h, w in normalize_schedule(sched):
-        m = 1.0 + weight * F.adaptive_avg_pool2d(mask.float(), (h, w)).flatten(1)
+        m = 1.0 + weight * F.adaptive_avg_pool2d(mask, (h, w)).flatten(1)
         parts.append(m / m.mean(dim=1, keepdim=True))
     return torch.cat(parts, dim=1)
 
@@ -405,9 +411,7 @@ class PilotModule(TransformerStage):
         token_weights = None
         glyph_weight = float(self.loss_cfg["glyph_weight"])
         if glyph_weight > 0 and "glyph" in self.conditions:
-            i = self.conditions.index("glyph")
-            mask = (controls[:, 3 * i : 3 * i + 3] > 0).any(dim=1, keepdim=True)
-            token_weights = glyph_token_weights(mask, sched, glyph_weight)
+            token_weights = glyph_token_weights(glyph_mask(controls, self.conditions), sched, glyph_weight)
         return scale_loss_stats(self.codes, logits, targets.labels, sched, valid, self.loss_cfg, token_weights)
 
     # ------------------------------------------------------------------ Lightning hooks

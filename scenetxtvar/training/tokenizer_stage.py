@@ -41,7 +41,7 @@ from ..checkpoint import atomic_write, save_state_dict
 from ..scales import normalize_schedule
 from ..tokenizers import BSQVAE, BSQVAEConfig
 from ..tokenizers.bsq import config_metadata
-from .module import adamw_with_schedule
+from .module import adamw_with_schedule, glyph_mask
 
 TOKENIZER_WEIGHTS = "tokenizer.safetensors"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -180,11 +180,6 @@ class TokenizerModule(L.LightningModule):
             )
         return grids
 
-    def glyph_mask(self, controls: Tensor) -> Tensor:
-        """(B, 1, H, W) float: 1 where any channel of the glyph condition is > 0 (text strokes)."""
-        i = self.conditions.index("glyph")
-        return (controls[:, 3 * i : 3 * i + 3] > 0).any(dim=1, keepdim=True).float()
-
     def compute_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Reconstruction, glyph and commitment terms for one batch."""
         images = batch["images"]
@@ -202,7 +197,7 @@ class TokenizerModule(L.LightningModule):
         stats = {"l1": l1, "commit": commit}
         loss = l1 + self.loss_cfg["commit_weight"] * commit
         if "glyph" in self.conditions:
-            mask = self.glyph_mask(batch["controls"]) * valid[:, None, None, None]
+            mask = glyph_mask(batch["controls"], self.conditions) * valid[:, None, None, None]
             glyph_l1 = (err * mask).sum() / mask.sum().clamp_min(1.0)
             stats["glyph_l1"] = glyph_l1
             loss = loss + self.loss_cfg["glyph_weight"] * glyph_l1
