@@ -132,7 +132,7 @@ def test_car_stage_with_an_ema_exports_the_averaged_weights(tmp_path, cache_dir,
     )
     result = run(cfg)
     exported = load_file(Path(result["export_dir"]) / "car_weights.safetensors")
-    ckpt = torch.load(next(Path(result["checkpoint_dir"]).glob("*step=2.ckpt")), map_location="cpu", weights_only=False)
+    ckpt = torch.load(next(Path(result["checkpoint_dir"]).glob("*step=2.ckpt")), map_location="cpu", weights_only=True)
     average = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     raw = {k.removeprefix("model."): v for k, v in ckpt["current_model_state"].items()}
     assert set(exported) == set(average)
