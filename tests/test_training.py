@@ -328,6 +328,17 @@ def test_glyph_weighted_loss_changes_the_loss_only_where_there_is_text(tiny_run)
     assert losses[4.0] != pytest.approx(losses[0.0], rel=1e-6)
     assert blank_losses[4.0] == pytest.approx(blank_losses[0.0], rel=1e-6)
 
+    # A glyph weight needs the glyph condition to weigh by, and a negative one makes no sense: both refused.
+    for conditions, weight in ((["normal"], 4.0), (list(cfg.condition.names), -1.0)):
+        with pytest.raises(ValueError, match="loss.glyph_weight"):
+            PilotModule(
+                model=OmegaConf.to_container(cfg.model.build, resolve=True),
+                vae=OmegaConf.to_container(cfg.vae.build, resolve=True),
+                text=OmegaConf.to_container(cfg.text, resolve=True),
+                conditions=conditions,
+                loss={"glyph_weight": weight},
+            )
+
 
 @pytest.mark.parametrize(
     ("precision", "clip", "expected"),

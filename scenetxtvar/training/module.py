@@ -373,6 +373,12 @@ class PilotModule(TransformerStage):
             raise ValueError(f"control_dropout must be in [0, 1), got {control_dropout}")
         self.control_dropout = control_dropout
         self.conditions = list(conditions)
+        glyph_weight = float(self.loss_cfg["glyph_weight"])
+        if glyph_weight < 0 or (glyph_weight > 0 and "glyph" not in self.conditions):
+            raise ValueError(
+                f"loss.glyph_weight={glyph_weight} needs to be >= 0, and > 0 only with a 'glyph' condition "
+                f"(conditions: {self.conditions})"
+            )
         # Explicit scales (schedule.scales) for batches whose template carries none (custom image sizes).
         self.schedule = normalize_schedule(schedule) if schedule else None
         vae_cfg = dict(vae)
@@ -410,7 +416,7 @@ class PilotModule(TransformerStage):
         logits = self.model(text, targets.x_BLC_wo_prefix, sched, control_tensors=pyramid, control_keep=keep)
         token_weights = None
         glyph_weight = float(self.loss_cfg["glyph_weight"])
-        if glyph_weight > 0 and "glyph" in self.conditions:
+        if glyph_weight > 0:  # the constructor checked that the glyph condition is there
             token_weights = glyph_token_weights(glyph_mask(controls, self.conditions), sched, glyph_weight)
         return scale_loss_stats(self.codes, logits, targets.labels, sched, valid, self.loss_cfg, token_weights)
 
