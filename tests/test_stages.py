@@ -116,8 +116,8 @@ def test_car_stage_runs_on_the_trained_base_and_tokenizer(tmp_path, cache_dir, t
 
 
 def test_car_stage_with_an_ema_exports_the_averaged_weights(tmp_path, cache_dir, tokenizer_run, base_run):
-    """`make demo`'s CAR stage averages its weights (Lightning's EMAWeightAveraging): the export evaluate.py
-    reads is the average the checkpoint holds, not the raw weights of the last step."""
+    """`make demo`'s CAR stage averages its weights (Lightning's EMAWeightAveraging through training/ema.py): the
+    export evaluate.py reads is the average the checkpoint holds, not the raw weights of the last step."""
     from scenetxtvar.training.run import run
 
     tok = Path(tokenizer_run["export_dir"]) / "tokenizer.safetensors"
@@ -127,7 +127,7 @@ def test_car_stage_with_an_ema_exports_the_averaged_weights(tmp_path, cache_dir,
         cache_dir,
         f"vae.build.path={tok}",
         f"model.build.base_weights={base}",
-        "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
+        "+callbacks.ema._target_=scenetxtvar.training.ema.EMA",
         "+callbacks.ema.decay=0.5",
     )
     result = run(cfg)
@@ -138,6 +138,26 @@ def test_car_stage_with_an_ema_exports_the_averaged_weights(tmp_path, cache_dir,
     assert set(exported) == set(average)
     assert all(torch.equal(exported[k], average[k]) for k in exported)
     assert any(not torch.equal(exported[k], raw[k]) for k in exported)
+
+
+def test_ema_pickles_for_spawned_workers_and_averages_like_lightnings() -> None:
+    """Spawned DDP ranks get the callbacks pickled; Lightning's own EMA holds a closure and cannot go."""
+    import pickle
+
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+    from torch.optim.swa_utils import get_ema_avg_fn
+
+    from scenetxtvar.training.ema import EMA
+
+    with pytest.raises((AttributeError, pickle.PicklingError)):
+        pickle.dumps(EMAWeightAveraging(decay=0.9))
+    ema = pickle.loads(pickle.dumps(EMA(decay=0.9, update_starting_at_step=3)))
+    assert ema.update_starting_at_step == 3 and not ema.should_update(step_idx=2) and ema.should_update(step_idx=3)
+    average, current = torch.randn(5), torch.randn(5)
+    expected = get_ema_avg_fn(0.9)(average, current, torch.tensor(1))
+    torch.testing.assert_close(ema._kwargs["avg_fn"](average, current, torch.tensor(1)), expected)
+    with pytest.raises(ValueError, match="decay"):
+        EMA(decay=1.5)
 
 
 def _bad_tokenizer(path: Path) -> Path:
