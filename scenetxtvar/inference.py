@@ -769,6 +769,7 @@ _CAR_FIELDS = {
     "conditioning_channels": "condition=...",
     "condition_names": "condition=...",
     "control_channels": "model.build.control_channels",
+    "control_unshuffle": "model.build.control_unshuffle",
 }
 
 

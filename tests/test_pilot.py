@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -256,6 +258,36 @@ def test_separated_weights_roundtrip_and_strict_car_loading(tmp_path):
     save_state_dict({"head.weight": torch.zeros(1)}, tmp_path / "nocar.safetensors")
     with pytest.raises(ValueError, match="no car_"):
         load_car_weights(fresh, tmp_path / "nocar.safetensors")
+
+
+def test_an_unshuffled_control_stem_keeps_the_token_grid_and_round_trips(tmp_path):
+    """control_unshuffle=2 folds 2x2 pixels into channels, so one stride-2 stage fewer gives the same grid."""
+    pilot = make_pilot(control_channels=(8, 16, 32, 32), control_unshuffle=2)
+    stem = pilot.car_control_convs
+    assert pilot.control_patch == 16 and stem.downsample == 16 and stem.conv_in.in_channels == 3 * 4
+    assert pilot.car_config()["control_unshuffle"] == 2
+    randomise_branch(pilot)
+    ctrl = controls_for(SCHEDULE)
+    # The stem is its convolutions on the pixel-unshuffled control.
+    plain = copy.deepcopy(stem)
+    plain.unshuffle = 1
+    with torch.no_grad():
+        torch.testing.assert_close(stem(ctrl[-1]), plain(torch.nn.functional.pixel_unshuffle(ctrl[-1], 2)))
+    text = text_batch(2)
+    _, h, w = SCHEDULE[-1]
+    x = teacher_inputs(torch.randn(2, 8, h, w), SCHEDULE)
+    with torch.no_grad():
+        out = pilot(text, x, SCHEDULE, control_tensors=ctrl)
+        flipped = pilot(text, x, SCHEDULE, control_tensors=[-c for c in ctrl])
+    assert torch.isfinite(out).all() and not torch.allclose(out, flipped)
+    # car_config.json carries the setting: the reloaded pilot has the same stem and outputs.
+    save_separated_weights(pilot, tmp_path / "run")
+    again = load_separated_weights(tmp_path / "run")
+    assert again.control_unshuffle == 2
+    with torch.no_grad():
+        torch.testing.assert_close(again(text, x, SCHEDULE, control_tensors=ctrl), out, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="control_unshuffle must be >= 1"):
+        make_pilot(control_unshuffle=0)
 
 
 def test_official_fixture_base_loads_into_a_pilot():

@@ -53,6 +53,7 @@ PILOT_ONLY_KEYS = (
     "fusion",
     "car_init",
     "control_channels",
+    "control_unshuffle",
     "conditioning_channels",
     "condition_names",
     "init_car_modules",
