@@ -275,7 +275,7 @@ class Infinity(nn.Module):
         x: Tensor,
         ctx: TextContext,
         attn_mask: Tensor | None,
-        rope: tuple[Tensor, Tensor],
+        rope: Tensor,
         hook: BlockHook | None = None,
     ) -> Tensor:
         """The block stack; ``hook(i, x)`` may rewrite the hidden state before block i."""
@@ -340,7 +340,7 @@ class Infinity(nn.Module):
         x = tokens + self.scale_embedding(sched, tokens.device)
         return self.get_logits(self.run_blocks(x, ctx, mask, rope), ctx.cond_BD)
 
-    def attention_inputs(self, sched, device: torch.device) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def attention_inputs(self, sched, device: torch.device) -> tuple[Tensor, Tensor]:
         """Block-causal mask (L, L; a token sees its own and coarser scales) and RoPE tables."""
         ids = self.scale_ids(sched, device)
         return ids[:, None] >= ids[None, :], self.rope.table(sched, device)
@@ -412,7 +412,7 @@ class Infinity(nn.Module):
         return neg.to(text.kv_compact.device)
 
     def scale_hook(
-        self, k: int, tokens: Tensor, ctx: TextContext, rope: tuple[Tensor, Tensor], rows_per_branch: int
+        self, k: int, tokens: Tensor, ctx: TextContext, rope: Tensor, rows_per_branch: int
     ) -> BlockHook | None:
         """A hook on the base blocks at sampling scale k (none here; InfinityPilot fuses its control)."""
         return None
@@ -443,7 +443,7 @@ class Infinity(nn.Module):
         texts = [t.to(device) for t in plan.texts]
         ctx = self.encode_text(texts[0] if n == 1 else _concat_text(texts))
         gen = torch.Generator(device=device).manual_seed(g_seed) if g_seed is not None else None
-        cos, sin = self.rope.table(sched, device)
+        rotation = self.rope.table(sched, device)
         offsets = [0, *torch.tensor(scale_lengths(sched)).cumsum(0).tolist()]
         blocks = self.block_list
         state = self.code_space(vae).sampler(sched, B, device)
@@ -457,7 +457,7 @@ class Infinity(nn.Module):
         self.kv_caching(True)
         try:
             for k in range(num_scales):
-                rope = (cos[offsets[k] : offsets[k + 1]], sin[offsets[k] : offsets[k + 1]])
+                rope = rotation[offsets[k] : offsets[k + 1]]
                 hook = self.scale_hook(k, tokens, ctx, rope, B)
                 x = tokens + self.lvl_embed.weight[k]
                 for i, blk in enumerate(blocks):

@@ -308,9 +308,7 @@ class InfinityPilot(Infinity):
         grid = tokens.transpose(1, 2).reshape(b, c, *hw)
         return (self.car_var_conv(grid) + control).flatten(2).transpose(1, 2)
 
-    def run_car_blocks(
-        self, x: Tensor, ctx: TextContext, attn_mask: Tensor | None, rope: tuple[Tensor, Tensor]
-    ) -> list[Tensor]:
+    def run_car_blocks(self, x: Tensor, ctx: TextContext, attn_mask: Tensor | None, rope: Tensor) -> list[Tensor]:
         """The CAR stack; returns every block's output (the features to fuse)."""
         outs = []
         for blk in self.car_blocks:
@@ -476,7 +474,7 @@ class InfinityPilot(Infinity):
             self._sampling_control = None
 
     def scale_hook(
-        self, k: int, tokens: Tensor, ctx: TextContext, rope: tuple[Tensor, Tensor], rows_per_branch: int
+        self, k: int, tokens: Tensor, ctx: TextContext, rope: Tensor, rows_per_branch: int
     ) -> BlockHook | None:
         """At sampling scale k: control features once, the CAR blocks with their KV cache, then fusion."""
         state = getattr(self, "_sampling_control", None)
