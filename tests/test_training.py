@@ -54,7 +54,12 @@ def tiny_run(tmp_path_factory, cache_dir):
 
     run_dir = tmp_path_factory.mktemp("run")
     cfg = make_cfg(
-        run_dir, cache_dir, "trainer.max_steps=5", "callbacks.checkpoint.every_n_train_steps=5", "text.cache_prompts=64"
+        run_dir,
+        cache_dir,
+        "trainer.max_steps=5",
+        "callbacks.checkpoint.every_n_train_steps=5",
+        "text.cache_prompts=64",
+        "vae.cache_samples=64",
     )
     return cfg, run(cfg)
 
@@ -72,10 +77,11 @@ def test_tiny_run_writes_lightning_checkpoints_and_a_car_export(tiny_run):
     assert (run_dir / "export" / "car_config.json").exists()
     header, *rows = (run_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     assert "train/loss" in header.split(",") and "perf/tokens_per_s" in header.split(",") and rows
-    # text.cache_prompts is on in this run: the cache's hit rate is logged, a share
-    column = header.split(",").index("perf/text_cache_hit_rate")
-    rates = [float(v) for row in rows if (v := row.split(",")[column])]
-    assert rates and all(0.0 <= r <= 1.0 for r in rates)
+    # text.cache_prompts and vae.cache_samples are on in this run: each cache's hit rate is logged, a share
+    for name in ("text", "feature"):
+        column = header.split(",").index(f"perf/{name}_cache_hit_rate")
+        rates = [float(v) for row in rows if (v := row.split(",")[column])]
+        assert rates and all(0.0 <= r <= 1.0 for r in rates)
 
 
 def test_training_changes_only_the_car_branch(tiny_run, tmp_path):
@@ -260,6 +266,35 @@ def test_conv_precision_bf16_runs_the_stem_and_encoder_in_bf16_only(tiny_run):
         grads = [p.grad for p in module.model.car_control_convs.parameters()]
         assert all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+def test_feature_cache_serves_seen_samples_without_the_encoder_and_changes_no_loss(tiny_run):
+    """vae.cache_samples: the second pass over the same (named) samples skips the tokenizer's encoder, and the
+    loss is the uncached one."""
+    from scenetxtvar.training.module import PilotModule
+
+    cfg, _ = tiny_run
+
+    def build(cache: int) -> PilotModule:
+        torch.manual_seed(0)
+        return PilotModule(
+            model=OmegaConf.to_container(cfg.model.build, resolve=True),
+            vae=OmegaConf.to_container(cfg.vae.build, resolve=True),
+            text=OmegaConf.to_container(cfg.text, resolve=True),
+            conditions=list(cfg.condition.names),
+            feature_cache=cache,
+        )
+
+    batch = {**tiny_pilot_batch(), "meta": [{"key": "s0", "url": "shard-0.tar"}, {"key": "s1", "url": "shard-0.tar"}]}
+    plain, cached = build(0).eval(), build(8).eval()  # eval: no random prompt drop
+    assert plain.feature_cache is None
+    calls = []
+    cached.vae.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    want = plain.compute_loss(batch, noise=False, drop_control=False)["loss"]
+    for _ in range(2):
+        got = cached.compute_loss(batch, noise=False, drop_control=False)["loss"]
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert calls == [2] and (cached.feature_cache.hits, cached.feature_cache.misses) == (2, 2)
 
 
 def test_conv_precision_resolves_auto_and_refuses_unknown_values(monkeypatch, tiny_run):

@@ -44,6 +44,7 @@ class BaseModule(TransformerStage):
         activation_checkpointing: bool = False,
         schedule: Sequence[Sequence[int]] | None = None,
         conv_precision: str = "fp32",
+        feature_cache: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -55,7 +56,7 @@ class BaseModule(TransformerStage):
         if not self.model.bitwise:
             raise ValueError("stage=base trains a bitwise (BSQ) Infinity; index heads (vae=vq) are not supported")
         self.model.checkpointing = activation_checkpointing
-        self.attach_frozen_helpers(vae_cfg, text, conv_precision)
+        self.attach_frozen_helpers(vae_cfg, text, conv_precision, feature_cache)
         self.schedule = normalize_schedule(schedule) if schedule else None
 
     def compute_loss(self, batch: Mapping[str, Any], noise: bool) -> dict[str, Tensor]:

@@ -23,6 +23,7 @@ from ..bitwise import scale_loss_weights
 from ..models.pilot import InfinityPilot, build_control_pyramid, is_car_key
 from ..scales import normalize_schedule, scale_lengths, var_schedule
 from .builders import build_pilot, build_text_encoder, build_tokenizer, check_code_dim
+from .feature_cache import FeatureCache, sample_names
 
 
 def base_fingerprint(model: nn.Module) -> Tensor:
@@ -111,18 +112,26 @@ def encode_batch(
     noise: bool,
     device: torch.device,
     conv_dtype: torch.dtype | None = None,
+    feature_cache: FeatureCache | None = None,
 ) -> tuple[Any, Any]:
     """Frozen helpers: captions -> packed text; images -> per-scale targets (self-correction when ``noise``).
 
     ``conv_dtype``: run the tokenizer's encoder under autocast to it; the features are quantised in fp32.
+    ``feature_cache``: take the features of samples seen before from it (:class:`FeatureCache`).
     """
+
+    def encode(images: Tensor) -> Tensor:
+        if conv_dtype is None:
+            return vae.encode_for_raw_features(images)
+        with torch.autocast(device.type, dtype=conv_dtype):
+            return vae.encode_for_raw_features(images).float()
+
     with torch.no_grad():
         text = text_encoder.encode(list(batch["captions"])).to(device)
-        if conv_dtype is None:
-            feats = vae.encode_for_raw_features(batch["images"])
+        if feature_cache is None:
+            feats = encode(batch["images"])
         else:
-            with torch.autocast(device.type, dtype=conv_dtype):
-                feats = vae.encode_for_raw_features(batch["images"]).float()
+            feats = feature_cache.features(encode, batch["images"], sample_names(batch))
         targets = codes.targets(
             feats,
             sched,
@@ -259,12 +268,17 @@ class TransformerStage(L.LightningModule):
     model: nn.Module
 
     def attach_frozen_helpers(
-        self, vae_cfg: Mapping[str, Any], text_cfg: Mapping[str, Any], conv_precision: str = "fp32"
+        self,
+        vae_cfg: Mapping[str, Any],
+        text_cfg: Mapping[str, Any],
+        conv_precision: str = "fp32",
+        feature_cache: int = 0,
     ) -> None:
         """Build the frozen VAE and text encoder outside the module tree (not trained, not checkpointed).
 
         ``conv_precision="bf16"`` runs the convolutions around the transformer (the tokenizer's encode and,
         for the pilot, the control stem) under bf16 autocast; the transformer keeps the trainer's precision.
+        ``feature_cache > 0`` remembers the tokenizer's features of that many samples (:class:`FeatureCache`).
         """
         if conv_precision not in CONV_DTYPES:
             raise ValueError(f"conv_precision must be one of {sorted(CONV_DTYPES)}, got {conv_precision!r}")
@@ -281,6 +295,7 @@ class TransformerStage(L.LightningModule):
         if self.model.bitwise:
             check_code_dim(self._vae, self.model.codebook_dim, vae_cfg.get("path"))
         self.codes = self.model.code_space(self._vae)
+        self.feature_cache = FeatureCache(feature_cache) if feature_cache else None
         self._last_step_time: float | None = None
 
     @property
@@ -300,7 +315,16 @@ class TransformerStage(L.LightningModule):
     def encode(self, batch: Mapping[str, Any], sched: Sequence[Sequence[int]], noise: bool) -> tuple[Any, Any]:
         """Packed text and per-scale targets of a batch from the frozen helpers (:func:`encode_batch`)."""
         return encode_batch(
-            self.text_encoder, self.vae, self.codes, batch, sched, self.loss_cfg, noise, self.device, self.conv_dtype
+            self.text_encoder,
+            self.vae,
+            self.codes,
+            batch,
+            sched,
+            self.loss_cfg,
+            noise,
+            self.device,
+            self.conv_dtype,
+            self.feature_cache,
         )
 
     def step_stats(self, batch: Mapping[str, Any], train: bool) -> dict[str, Tensor]:
@@ -317,10 +341,11 @@ class TransformerStage(L.LightningModule):
             dt = now - self._last_step_time
             self.log_dict({"perf/images_per_s": b / dt, "perf/tokens_per_s": float(stats["tokens"]) / dt}, batch_size=b)
         self._last_step_time = now
-        # text.cache_prompts > 0: the share of prompts served from the cache so far (is the cache big enough?)
-        hits, misses = getattr(self._text, "hits", 0), getattr(self._text, "misses", 0)
-        if hits + misses:
-            self.log("perf/text_cache_hit_rate", hits / (hits + misses), batch_size=b)
+        # text.cache_prompts / vae.cache_samples > 0: the share served from each cache so far (big enough?)
+        for name, cache in (("text", self._text), ("feature", self.feature_cache)):
+            hits, misses = getattr(cache, "hits", 0), getattr(cache, "misses", 0)
+            if hits + misses:
+                self.log(f"perf/{name}_cache_hit_rate", hits / (hits + misses), batch_size=b)
         return stats["loss"]
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -364,6 +389,7 @@ class PilotModule(TransformerStage):
         activation_checkpointing: bool = False,
         schedule: Sequence[Sequence[int]] | None = None,
         conv_precision: str = "fp32",
+        feature_cache: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -387,7 +413,7 @@ class PilotModule(TransformerStage):
             **model_cfg, conditioning_channels=3 * len(self.conditions), condition_names=self.conditions
         )
         self.model.checkpointing = activation_checkpointing
-        self.attach_frozen_helpers(vae_cfg, text, conv_precision)
+        self.attach_frozen_helpers(vae_cfg, text, conv_precision, feature_cache)
         self.is_vq = not self.model.bitwise
         self._base_fingerprint = base_fingerprint(self.model)
         # Lightning checkpoints carry the CAR branch only: the base comes from model.base_weights.

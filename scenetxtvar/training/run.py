@@ -162,6 +162,7 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
         schedule=_schedule_scales(cfg),
     )
     conv_precision = resolve_conv_precision(cfg.get("conv_precision", "fp32"))
+    feature_cache = int(cfg.vae.get("cache_samples", 0) or 0)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     if stage == "tokenizer":
         from .tokenizer_stage import TokenizerModule
@@ -187,6 +188,7 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
             optim={**optim, **(conf.get("optim") or {})},
             activation_checkpointing=cfg.model.get("activation_checkpointing", False),
             conv_precision=conv_precision,
+            feature_cache=feature_cache,
             **common,
         )
     return PilotModule(
@@ -197,6 +199,7 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
         control_dropout=cfg.control_dropout,
         activation_checkpointing=cfg.model.get("activation_checkpointing", False),
         conv_precision=conv_precision,
+        feature_cache=feature_cache,
         **common,
     )
 
