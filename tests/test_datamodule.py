@@ -15,6 +15,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter
 
 from scenetxtvar.data.datamodule import (
+    SampleProcessor,
     SceneTextDataModule,
     max_batches,
     plan_exact,
@@ -340,3 +341,25 @@ def test_raw_batches_normalise_to_the_same_values(shards):
     for x, y in zip(ref, raw):
         y = dm.on_after_batch_transfer(y, 0)  # what the Trainer runs after moving the batch to the device
         assert torch.equal(x["images"], y["images"]) and torch.equal(x["controls"], y["controls"])
+
+
+def test_decoded_samples_are_cached_across_epochs_with_the_same_batches(shards, monkeypatch):
+    """cache_decoded: a sample seen before is not decoded again, and every epoch's batches are the uncached ones."""
+    root, _ = shards
+    plain = dm_for(root, epoch_samples=24).train_dataloader()
+    want = [list(plain), list(plain)]
+    dm = dm_for(root, epoch_samples=24, cache_decoded=100)
+    decoded: list[str] = []
+    process = SampleProcessor.__call__
+    monkeypatch.setattr(SampleProcessor, "__call__", lambda self, s: decoded.append(s["__key__"]) or process(self, s))
+    loader = dm.train_dataloader()
+    got = [list(loader), list(loader)]
+    for a, b in zip(sum(want, []), sum(got, [])):
+        assert [m["key"] for m in a["meta"]] == [m["key"] for m in b["meta"]]
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["controls"], b["controls"])
+    seen = [m["key"] for batch in sum(got, []) for m in batch["meta"]]
+    assert len(decoded) == len(set(decoded)) < len(seen)  # each distinct sample decoded once
+    got[1][0]["meta"][0]["words"].append("mutated")  # a batch's meta is its own, not the cache's
+    assert all("mutated" not in m["words"] for batch in list(loader) for m in batch["meta"])
+    with pytest.raises(ValueError, match="cache_decoded"):
+        dm_for(root, cache_decoded=-1)
