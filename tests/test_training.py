@@ -229,27 +229,28 @@ def tiny_pilot_batch() -> dict:
     }
 
 
+def tiny_pilot_module(cfg, **kwargs):
+    """A seeded PilotModule of the tiny run's config (``kwargs``: further constructor arguments)."""
+    from scenetxtvar.training.module import PilotModule
+
+    torch.manual_seed(0)
+    return PilotModule(
+        model=OmegaConf.to_container(cfg.model.build, resolve=True),
+        vae=OmegaConf.to_container(cfg.vae.build, resolve=True),
+        text=OmegaConf.to_container(cfg.text, resolve=True),
+        conditions=list(cfg.condition.names),
+        **kwargs,
+    )
+
+
 def test_conv_precision_bf16_runs_the_stem_and_encoder_in_bf16_only(tiny_run):
     """conv_precision=bf16: the control stem and the tokenizer's encode under bf16 autocast; the transformer,
     the loss and the trainable weights' gradients stay fp32, and the loss stays near the fp32 one."""
-    from scenetxtvar.training.module import PilotModule
-
     cfg, _ = tiny_run
-
-    def build(precision: str) -> PilotModule:
-        torch.manual_seed(0)
-        return PilotModule(
-            model=OmegaConf.to_container(cfg.model.build, resolve=True),
-            vae=OmegaConf.to_container(cfg.vae.build, resolve=True),
-            text=OmegaConf.to_container(cfg.text, resolve=True),
-            conditions=list(cfg.condition.names),
-            conv_precision=precision,
-        )
-
     batch = tiny_pilot_batch()
     losses = {}
     for precision in ("fp32", "bf16"):
-        module = build(precision)
+        module = tiny_pilot_module(cfg, conv_precision=precision)
         seen: dict[str, set] = {"stem": set(), "vae": set(), "block": set()}
         for name, part in (
             ("stem", module.model.car_control_convs.conv_out),
@@ -271,22 +272,10 @@ def test_conv_precision_bf16_runs_the_stem_and_encoder_in_bf16_only(tiny_run):
 def test_feature_cache_serves_seen_samples_without_the_encoder_and_changes_no_loss(tiny_run):
     """vae.cache_samples: the second pass over the same (named) samples skips the tokenizer's encoder, and the
     loss is the uncached one."""
-    from scenetxtvar.training.module import PilotModule
-
     cfg, _ = tiny_run
-
-    def build(cache: int) -> PilotModule:
-        torch.manual_seed(0)
-        return PilotModule(
-            model=OmegaConf.to_container(cfg.model.build, resolve=True),
-            vae=OmegaConf.to_container(cfg.vae.build, resolve=True),
-            text=OmegaConf.to_container(cfg.text, resolve=True),
-            conditions=list(cfg.condition.names),
-            feature_cache=cache,
-        )
-
     batch = {**tiny_pilot_batch(), "meta": [{"key": "s0", "url": "shard-0.tar"}, {"key": "s1", "url": "shard-0.tar"}]}
-    plain, cached = build(0).eval(), build(8).eval()  # eval: no random prompt drop
+    # eval: no random prompt drop
+    plain, cached = tiny_pilot_module(cfg, feature_cache=0).eval(), tiny_pilot_module(cfg, feature_cache=8).eval()
     assert plain.feature_cache is None
     calls = []
     cached.vae.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
