@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from .lru import LRU
 
 
 class PackedText(NamedTuple):
@@ -314,12 +315,10 @@ class CachedTextEncoder(nn.Module):
 
     def __init__(self, encoder: nn.Module, max_prompts: int) -> None:
         super().__init__()
-        if int(max_prompts) < 1:
-            raise ValueError(f"max_prompts must be >= 1, got {max_prompts}")
+        self._rows = LRU(max_prompts, "max_prompts")
         self.encoder = encoder
         self.dim, self.max_length = encoder.dim, encoder.max_length
-        self.max_prompts = int(max_prompts)
-        self._rows: OrderedDict[str, Tensor] = OrderedDict()
+        self.max_prompts = self._rows.max_items
         self.hits = self.misses = 0
 
     def train(self, mode: bool = True) -> CachedTextEncoder:
@@ -340,17 +339,14 @@ class CachedTextEncoder(nn.Module):
     def encode(self, prompts: Sequence[str]) -> PackedText:
         """Packed features of ``prompts``; only prompts not in the cache go through the encoder."""
         prompts = _check_prompts(prompts)
-        rows = {p: self._rows[p] for p in prompts if p in self._rows}
+        rows = {p: self._rows.get(p) for p in prompts if p in self._rows}
         new = [p for p in dict.fromkeys(prompts) if p not in rows]
         self.hits, self.misses = self.hits + len(prompts) - len(new), self.misses + len(new)
         if new:
             packed = self.encoder.encode(new)
             rows.update(zip(new, (r.clone() for r in packed.kv_compact.split(packed.lens.tolist()))))
-        for p in dict.fromkeys(prompts):  # most recent last; evict the oldest beyond the bound
-            self._rows[p] = rows[p]
-            self._rows.move_to_end(p)
-        while len(self._rows) > self.max_prompts:
-            self._rows.popitem(last=False)
+        for p in dict.fromkeys(prompts):
+            self._rows.put(p, rows[p])
         batch = [rows[p] for p in prompts]
         return as_packed_text((torch.cat(batch), [r.shape[0] for r in batch], None, None))
 

@@ -63,3 +63,20 @@ def test_unnamed_samples_are_encoded_as_a_batch_and_not_cached() -> None:
         FeatureCache(0)
     with pytest.raises(ValueError, match="2 sample names for 3 images"):
         cache.features(enc, _images(3), names)
+
+
+def test_the_shared_lru_evicts_the_least_recent_and_pickles_into_workers() -> None:
+    import pickle
+
+    from scenetxtvar.lru import LRU
+
+    lru = LRU(2)
+    lru.put("a", 1)
+    lru.put("b", 2)
+    assert lru.get("a") == 1  # "a" is now the most recent
+    lru.put("c", 3)
+    assert "b" not in lru and lru.get("a") == 1 and lru.get("c") == 3 and lru.get("b") is None
+    again = pickle.loads(pickle.dumps(lru))
+    assert len(again) == 2 and again.get("c") == 3 and again.max_items == 2
+    with pytest.raises(ValueError, match="cache_decoded must be >= 1"):
+        LRU(0, "cache_decoded")

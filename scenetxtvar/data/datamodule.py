@@ -52,7 +52,7 @@ import multiprocessing
 import os
 import tarfile
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -68,6 +68,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from scenetxtvar.data import transforms as T
+from scenetxtvar.lru import LRU
 from scenetxtvar.scales import H_DIV_W_TEMPLATES, PN_NUM_SCALES, Schedule, get_schedule, pixel_size
 
 log = logging.getLogger(__name__)
@@ -543,7 +544,7 @@ class SceneTextStream(IterableDataset):
         # Decoded samples by (shard URL, key), least recently used evicted; lives in the process that iterates
         # (a persistent worker, or the main process with num_workers=0), so it survives epochs there.
         self.cache_decoded = int(cache_decoded)
-        self._decoded: OrderedDict[tuple[str, str], Processed] = OrderedDict()
+        self._decoded = LRU(self.cache_decoded, "cache_decoded") if self.cache_decoded else None
         self.epoch = 0
         self.shared_epoch: Any = None  # multiprocessing Value, set by the loader for persistent workers
 
@@ -566,17 +567,13 @@ class SceneTextStream(IterableDataset):
         """``processor(sample)``, or the same sample decoded before (``cache_decoded``): decoding is a pure
         function of the sample's bytes, and on 2 CPU cores it is the loader's main cost (PNG decode + resize)."""
         key, url = sample.get("__key__"), sample.get("__url__")
-        if not self.cache_decoded or key is None:
+        if self._decoded is None or key is None:
             return self.processor(sample)
         name = (str(url), str(key))
         item = self._decoded.get(name)
         if item is None:
             item = self.processor(sample)  # a BadSample raises here and is never cached
-            self._decoded[name] = item
-            while len(self._decoded) > self.cache_decoded:
-                self._decoded.popitem(last=False)
-        else:
-            self._decoded.move_to_end(name)
+            self._decoded.put(name, item)
         return item._replace(meta=copy.deepcopy(item.meta))  # batches own their metadata
 
     def _rng(self, epoch: int, worker: int) -> np.random.Generator:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..lru import LRU
 
 
 def sample_names(batch: Mapping[str, Any]) -> list[Hashable | None]:
@@ -34,10 +35,8 @@ class FeatureCache:
     """
 
     def __init__(self, max_samples: int) -> None:
-        if int(max_samples) < 1:
-            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
-        self.max_samples = int(max_samples)
-        self._rows: OrderedDict[Hashable, Tensor] = OrderedDict()
+        self._rows = LRU(max_samples, "max_samples")
+        self.max_samples = self._rows.max_items
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
@@ -52,13 +51,10 @@ class FeatureCache:
         missing = [i for i, n in enumerate(names) if n not in self._rows]
         fresh = dict.fromkeys(names[i] for i in missing)  # a name twice in one batch is encoded once
         self.hits, self.misses = self.hits + len(names) - len(missing), self.misses + len(missing)
-        rows = {n: self._rows[n] for n in names if n not in fresh}
+        rows = {n: self._rows.get(n) for n in names if n not in fresh}
         if fresh:
             encoded = encode(images[[names.index(n) for n in fresh]])
             rows.update(zip(fresh, (r.clone() for r in encoded.unbind(0))))
-        for n in dict.fromkeys(names):  # most recent last; evict the oldest beyond the bound
-            self._rows[n] = rows[n]
-            self._rows.move_to_end(n)
-        while len(self._rows) > self.max_samples:
-            self._rows.popitem(last=False)
+        for n in dict.fromkeys(names):
+            self._rows.put(n, rows[n])
         return torch.stack([rows[n].to(images.device) for n in names])
