@@ -28,7 +28,7 @@ test: setup  ## run the test suite (CPU; gpu tests skip themselves)
 test-fast: setup  ## the suite without tests marked slow
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: setup  ## tokenizer -> base -> CAR stages on synthetic scenes, then evaluate (10-13 CPU minutes with bf16 instructions, ~18 on AVX2 only)
+demo: setup  ## tokenizer -> base -> CAR stages on synthetic scenes, then evaluate (~14 CPU minutes on AVX2 only, 10-13 with bf16 instructions)
 	$(BIN)/python -m scenetxtvar.demo --profile quick
 
 demo-full: setup  ## the same with the budgets that aim at the legibility targets (~30 CPU minutes on 2 cores with bf16 instructions, ~57 on AVX2 only)

@@ -770,6 +770,7 @@ _CAR_FIELDS = {
     "condition_names": "condition=...",
     "control_channels": "model.build.control_channels",
     "control_unshuffle": "model.build.control_unshuffle",
+    "token_conv_kernel": "model.build.token_conv_kernel",
 }
 
 

@@ -290,6 +290,39 @@ def test_an_unshuffled_control_stem_keeps_the_token_grid_and_round_trips(tmp_pat
         make_pilot(control_unshuffle=0)
 
 
+def test_one_by_one_token_convs_sample_like_teacher_forcing_and_round_trip(tmp_path):
+    """token_conv_kernel=1: car_var_conv and the stem's conv_out become per-token projections (model=demo's)."""
+    from scenetxtvar.inference import load_checkpoint
+
+    pilot = make_pilot(token_conv_kernel=1)
+    c = pilot.C
+    assert pilot.car_var_conv.weight.shape == (c, c, 1, 1)
+    assert pilot.car_control_convs.conv_out.weight.shape == (c, 32, 1, 1)
+    assert pilot.car_config()["token_conv_kernel"] == 1
+    randomise_branch(pilot)
+    text, ctrl = text_batch(2), controls_for(SCHEDULE)
+    free = pilot.autoregressive_infer_cfg(
+        scale_schedule=SCHEDULE, label_B_or_BLT=text, B=2, g_seed=0, control_tensors=ctrl, return_logits=True
+    )
+    acc = CodeAccumulator(SCHEDULE, 2, 8)
+    inputs = [acc.add(k, bits_to_codes(b.squeeze(1).permute(0, 3, 1, 2))) for k, b in enumerate(free.scale_bits)]
+    x = torch.cat(inputs[:-1], 1)
+    with torch.no_grad():
+        forced = pilot(text, x, SCHEDULE, control_tensors=ctrl)
+    torch.testing.assert_close(forced, torch.cat(free.scale_logits, 1), atol=1e-4, rtol=0)
+    # The export carries the kernel: reloaded, the same outputs; a 3x3-configured model refuses it by name.
+    save_separated_weights(pilot, tmp_path / "run")
+    again = load_separated_weights(tmp_path / "run")
+    assert again.token_conv_kernel == 1
+    with torch.no_grad():
+        torch.testing.assert_close(again(text, x, SCHEDULE, control_tensors=ctrl), forced, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"token_conv_kernel: checkpoint 1, configured 3"):
+        load_checkpoint(make_pilot(), tmp_path / "run")
+    for bad in (0, 2):
+        with pytest.raises(ValueError, match="token_conv_kernel must be an odd size"):
+            make_pilot(token_conv_kernel=bad)
+
+
 def test_official_fixture_base_loads_into_a_pilot():
     pilot = InfinityPilot(FIXTURES / "infinity_state_dict.pth", car_depth=2, control_channels=(8, 16, 32, 32, 32))
     ref = load_fixture("infinity_state_dict.pth")

@@ -106,8 +106,8 @@ def test_car_stage_runs_on_the_trained_base_and_tokenizer(tmp_path, cache_dir, t
     cfg = make_cfg(tmp_path, cache_dir, *overrides)
     result = run(cfg)
     assert result["stage"] == "car" and result["global_step"] == 2
-    stem = {k: cfg.model.build[k] for k in ("control_channels", "control_unshuffle")}  # model=demo's control stem
-    pilot = build_pilot("infinity_pilot_tiny", base_weights=str(base), car_depth=2, **stem)
+    keys = ("car_depth", "control_channels", "control_unshuffle", "token_conv_kernel")  # model=demo's branch
+    pilot = build_pilot("infinity_pilot_tiny", base_weights=str(base), **{k: cfg.model.build[k] for k in keys})
     assert pilot.control_patch == 8
     load_car_weights(pilot, Path(result["export_dir"]) / "car_weights.safetensors")
     # The base inside the pilot is the base stage's export, untouched by the CAR stage.

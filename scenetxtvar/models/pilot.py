@@ -44,6 +44,7 @@ class ControlConditionEmbedding(nn.Module):
     ``2**(len(channels) - 1)`` downsampling (16 by default: one token per 16x16 pixels). ``unshuffle`` > 1
     first folds each ``unshuffle x unshuffle`` pixel block into channels (lossless, ``pixel_unshuffle``) and
     multiplies the downsampling by it: no convolution then runs at the full control resolution.
+    ``out_kernel`` is ``conv_out``'s kernel size (3 in CAR; 1 makes it a per-token projection).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class ControlConditionEmbedding(nn.Module):
         embed_dim: int,
         channels: Sequence[int] = (64, 128, 256, 512, 1024),
         unshuffle: int = 1,
+        out_kernel: int = 3,
     ) -> None:
         super().__init__()
         if int(unshuffle) < 1:
@@ -62,7 +64,7 @@ class ControlConditionEmbedding(nn.Module):
         for c_in, c_out in zip(channels[:-1], channels[1:]):
             blocks += [nn.Conv2d(c_in, c_in, 3, padding=1), nn.Conv2d(c_in, c_out, 3, padding=1, stride=2)]
         self.blocks = nn.ModuleList(blocks)
-        self.conv_out = nn.Conv2d(channels[-1], embed_dim, 3, padding=1)
+        self.conv_out = nn.Conv2d(channels[-1], embed_dim, out_kernel, padding=out_kernel // 2)
         self.downsample = self.unshuffle * 2 ** (len(channels) - 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -113,6 +115,7 @@ class InfinityPilot(Infinity):
         condition_names: Sequence[str] = ("glyph",),
         control_channels: Sequence[int] = (64, 128, 256, 512, 1024),
         control_unshuffle: int = 1,
+        token_conv_kernel: int = 3,
         car_init: str = "copy",
         **infinity_kwargs: Any,
     ) -> None:
@@ -148,6 +151,10 @@ class InfinityPilot(Infinity):
         if int(control_unshuffle) < 1:
             raise ValueError(f"control_unshuffle must be >= 1, got {control_unshuffle}")
         self.control_unshuffle = int(control_unshuffle)
+        # The two C-channel convolutions at the token grid (car_var_conv, the stem's conv_out): 3x3 in CAR.
+        if int(token_conv_kernel) < 1 or int(token_conv_kernel) % 2 == 0:
+            raise ValueError(f"token_conv_kernel must be an odd size >= 1, got {token_conv_kernel}")
+        self.token_conv_kernel = int(token_conv_kernel)
         self.control_patch = self.control_unshuffle * 2 ** (len(self.control_channels) - 1)
         # Set to a list to record (fusion index, per-token strength (B, L)) during a forward.
         self.fusion_probe: list[tuple[int, Tensor]] | None = None
@@ -179,10 +186,11 @@ class InfinityPilot(Infinity):
         device = self.pos_start.device
         C = self.C
         with torch.device(device):
+            k = self.token_conv_kernel
             self.car_control_convs = ControlConditionEmbedding(
-                self.conditioning_channels, C, self.control_channels, self.control_unshuffle
+                self.conditioning_channels, C, self.control_channels, self.control_unshuffle, k
             )
-            self.car_var_conv = nn.Conv2d(C, C, 3, padding=1)
+            self.car_var_conv = nn.Conv2d(C, C, k, padding=k // 2)
             dpr = torch.linspace(0, float(self.drop_path_rate), self.depth, device="cpu").tolist()
             self.car_blocks = nn.ModuleList(
                 CrossAttnBlock(C, self.num_heads, self.ffn_hidden, self.shared_aln, self.norm_eps, 0.0, dpr[i])
@@ -283,6 +291,7 @@ class InfinityPilot(Infinity):
             condition_names=self.condition_names,
             control_channels=list(self.control_channels),
             control_unshuffle=self.control_unshuffle,
+            token_conv_kernel=self.token_conv_kernel,
             car_init=self.car_init,
         )
 

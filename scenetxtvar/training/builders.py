@@ -54,6 +54,7 @@ PILOT_ONLY_KEYS = (
     "car_init",
     "control_channels",
     "control_unshuffle",
+    "token_conv_kernel",
     "conditioning_channels",
     "condition_names",
     "init_car_modules",

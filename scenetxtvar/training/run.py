@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .allocator import keep_freed_memory
 from .builders import KNOWN_CONDITIONS, require_file
 from .export import AtomicCheckpointIO, CarExportCallback, StageExportCallback, export_car
 from .module import PilotModule
@@ -317,6 +318,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("deterministic_algorithms"):
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if cfg.get("keep_freed_memory", True):  # before the loader workers fork: they inherit it
+        keep_freed_memory()
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     callbacks = [*build_callbacks(cfg, run_dir), FinalStepCallback()]
