@@ -382,3 +382,33 @@ def test_training_step_grad_checkpointing_and_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(text, t.x_BLC_wo_prefix, schedule, text_keep=keep)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_scale_causal_attention_equals_the_dense_masked_attention_values_and_gradients():
+    """The last scale's queries attend unmasked, the earlier ones under the mask: the same numbers as one call."""
+    import torch.nn.functional as F
+
+    from scenetxtvar.models.layers import ScaleCausalMask, scale_causal_attention
+
+    sched = get_schedule(0.5, "0.06M")
+    model = Infinity(depth=2, embed_dim=64, num_heads=4, text_channels=128, text_maxlen=8, codebook_dim=8)
+    mask, _ = model.attention_inputs(sched, torch.device("cpu"))
+    n = sequence_length(sched)
+    assert isinstance(mask, ScaleCausalMask) and mask.dense.shape == (n, n)
+    assert mask.dense[mask.last_start :].all() and not mask.dense[: mask.last_start, mask.last_start :].any()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g, requires_grad=True) for _ in range(3))
+    split = scale_causal_attention(q, k, v, mask, scale=0.5)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, scale=0.5)
+    torch.testing.assert_close(split, dense, atol=1e-5, rtol=0)
+    up = torch.randn(split.shape, generator=g)
+    grads_split = torch.autograd.grad(split, (q, k, v), up)
+    grads_dense = torch.autograd.grad(dense, (q, k, v), up)
+    for a, b in zip(grads_split, grads_dense):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    one_scale = ScaleCausalMask(torch.ones(n, n, dtype=torch.bool), 0)  # a single scale: no mask at all
+    torch.testing.assert_close(
+        scale_causal_attention(q, k, v, one_scale, 0.5), F.scaled_dot_product_attention(q, k, v, scale=0.5)
+    )
+    with pytest.raises(ValueError, match="last_start=.* must index a token"):
+        ScaleCausalMask(mask.dense, n)

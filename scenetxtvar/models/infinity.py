@@ -21,10 +21,12 @@ from ..scales import normalize_schedule, scale_lengths
 from ..text import PackedText, as_packed_text
 from .layers import (
     AdaLNBeforeHead,
+    AttentionMask,
     BlockChunk,
     CrossAttnBlock,
     RMSNorm,
     Rope2D,
+    ScaleCausalMask,
     SharedAdaLin,
     TextAttentivePool,
     TextKV,
@@ -274,7 +276,7 @@ class Infinity(nn.Module):
         self,
         x: Tensor,
         ctx: TextContext,
-        attn_mask: Tensor | None,
+        attn_mask: AttentionMask,
         rope: Tensor,
         hook: BlockHook | None = None,
     ) -> Tensor:
@@ -340,10 +342,11 @@ class Infinity(nn.Module):
         x = tokens + self.scale_embedding(sched, tokens.device)
         return self.get_logits(self.run_blocks(x, ctx, mask, rope), ctx.cond_BD)
 
-    def attention_inputs(self, sched, device: torch.device) -> tuple[Tensor, Tensor]:
+    def attention_inputs(self, sched, device: torch.device) -> tuple[ScaleCausalMask, Tensor]:
         """Block-causal mask (L, L; a token sees its own and coarser scales) and RoPE tables."""
         ids = self.scale_ids(sched, device)
-        return ids[:, None] >= ids[None, :], self.rope.table(sched, device)
+        last_start = sum(scale_lengths(sched)[:-1])
+        return ScaleCausalMask(ids[:, None] >= ids[None, :], last_start), self.rope.table(sched, device)
 
     # ------------------------------------------------------------------ sampler
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..scales import normalize_schedule
 from .infinity import BlockHook, GuidancePlan, InferenceOutput, Infinity, TextContext
-from .layers import CrossAttnBlock, no_autocast
+from .layers import AttentionMask, CrossAttnBlock, no_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ class InfinityPilot(Infinity):
         grid = tokens.transpose(1, 2).reshape(b, c, *hw)
         return (self.car_var_conv(grid) + control).flatten(2).transpose(1, 2)
 
-    def run_car_blocks(self, x: Tensor, ctx: TextContext, attn_mask: Tensor | None, rope: Tensor) -> list[Tensor]:
+    def run_car_blocks(self, x: Tensor, ctx: TextContext, attn_mask: AttentionMask, rope: Tensor) -> list[Tensor]:
         """The CAR stack; returns every block's output (the features to fuse)."""
         outs = []
         for blk in self.car_blocks:
