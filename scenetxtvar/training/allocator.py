@@ -2,8 +2,8 @@
 
 PyTorch's CPU tensors come from ``malloc``. glibc serves large blocks with ``mmap`` and unmaps them on
 ``free``, and trims the heap top back to the kernel, so a training step that frees and re-allocates its
-activations page-faults them in again, zero-filled, every step: ~3-11 thousand faults a step in the demo
-tokenizer's loop on a 2-core CPU, and a step 5-25% slower than with the blocks kept. With a 32 MiB mmap
+activations page-faults them in again, zero-filled, every step: ~3-4 thousand faults a step in the demo
+tokenizer's loop on a 2-core CPU, and a step up to ~15% slower than with the blocks kept. With a 32 MiB mmap
 threshold and a 1 GiB trim threshold the same memory is reused: the page faults drop to ~0 and the
 resident size grows by a few percent. The CUDA caching allocator already does this for GPU memory.
 """
