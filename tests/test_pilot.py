@@ -291,7 +291,7 @@ def test_an_unshuffled_control_stem_keeps_the_token_grid_and_round_trips(tmp_pat
 
 
 def test_one_by_one_token_convs_sample_like_teacher_forcing_and_round_trip(tmp_path):
-    """token_conv_kernel=1: car_var_conv and the stem's conv_out become per-token projections (model=demo's)."""
+    """token_conv_kernel=1: car_var_conv and the stem's conv_out become per-token projections (an option; CAR is 3)."""
     from scenetxtvar.inference import load_checkpoint
 
     pilot = make_pilot(token_conv_kernel=1)
